@@ -38,7 +38,7 @@ fuzz: $(STAMP)
 
 ## Regenerate sample_data/ byte for byte.
 sample-data: $(STAMP)
-	$(BIN)/immunoprofile simulate --out sample_data --patients 6 --events 10000 --seed 2026
+	$(BIN)/immunoprofile simulate --out sample_data --patients 6 --events 5000 --seed 2026 --force
 
 clean:
 	rm -rf $(VENV) $(DEMO) bench_output .pytest_cache

@@ -449,13 +449,18 @@ def density_threshold(values: np.ndarray, *, offset: float = 3.0, bins: int = 25
     counts, edges = np.histogram(v, bins=bins, range=(lo, hi))
     dens = gaussian_filter1d(counts.astype(np.float64), sigma=bins / 100)
     centers = (edges[:-1] + edges[1:]) / 2
-    peaks, props = find_peaks(np.concatenate([[0.0], dens, [0.0]]), prominence=0.05 * dens.max())
+    peaks, _ = find_peaks(np.concatenate([[0.0], dens, [0.0]]), prominence=0.05 * dens.max(),
+                          height=0.02 * dens.max())
     peaks = peaks - 1
     if len(peaks) >= 2:
-        top = np.sort(peaks[np.argsort(dens[peaks])[-2:]])
-        a, b = top
-        valley = a + int(np.argmin(dens[a:b + 1]))
-        return float(centers[valley])
+        # the valleys between consecutive modes; the lowest-lying one that is nearly as deep as
+        # the deepest wins. A mode split into shoulders has a shallow valley and is ignored; of
+        # negative | dim | bright, the cut falls between negative and dim.
+        peaks = np.sort(peaks)
+        valleys = [a + int(np.argmin(dens[a:b + 1])) for a, b in zip(peaks[:-1], peaks[1:])]
+        depth = np.array([dens[v] for v in valleys])
+        deep_enough = depth <= max(2.0 * depth.min(), depth.min() + 0.02 * dens.max())
+        return float(centers[valleys[int(np.flatnonzero(deep_enough)[0])]])
     mode = centers[peaks[0]] if len(peaks) else centers[int(np.argmax(dens))]
     below = v[v <= mode]
     if below.size < 5:
@@ -495,21 +500,73 @@ def _scatter_gmm(gate: ScatterGate, parent: np.ndarray, data: EventData, finding
         k = int(np.argmax(w))
     else:
         # lymphocytes: low side scatter for their size. Among components holding >= 5% of
-        # events, the lowest SSC/FSC ratio; of those within 30% of that ratio, the heaviest
-        # (so lymphocyte doublets, at the same ratio but few, are not chosen).
+        # events, the lowest SSC/FSC ratio; of those within 15% of that ratio, the smallest
+        # (lymphocyte doublets share the ratio at twice the size).
         ok = np.flatnonzero(w >= 0.05)
         ok = ok[means[ok, 0] > 0]
         if ok.size == 0:
             ok = np.arange(len(w))
         ratio = means[ok, 1] / np.maximum(means[ok, 0], 1e-9)
-        close = ok[ratio <= ratio.min() * 1.3]
-        k = int(close[np.argmax(w[close])])
-    dist = float(np.sqrt(chi2.ppf(gate.quantile, 2)))
-    center, cov = means[k], covs[k]
+        close = ok[ratio <= ratio.min() * 1.15]
+        k = int(close[np.argmin(means[close, 0])])
+    # a population the mixture split in two (e.g. T and NK cells, slightly different in size)
+    # is merged back: every component whose centre lies inside the chosen one's 95% ellipse
+    # joins it, and the gate is the moment-matched ellipse of the union
+    members = _merge_close(gmm, k)
+    mw = gmm.weights_[members] / gmm.weights_[members].sum()
+    mu = (mw[:, None] * gmm.means_[members]).sum(axis=0)
+    diffs = gmm.means_[members] - mu
+    sigma = sum(wi * (gmm.covariances_[j] + np.outer(d, d)) for wi, j, d in zip(mw, members, diffs))
+    coverage = gate.quantile
+    if coverage is None:
+        coverage = _auto_coverage(gmm, pts / scale, members, mu, sigma)
+    dist = float(np.sqrt(chi2.ppf(coverage, 2)))
+    center, cov = mu * scale, sigma * np.outer(scale, scale)
     m = _ellipse_mask(data, gate.x, gate.y, center, cov, dist)
     coords = {"center": [float(c) for c in center], "covariance": [[float(a) for a in r] for r in cov],
-              "distance": dist, "component_weight": float(w[k]), "components": int(gate.components)}
+              "distance": dist, "coverage": float(coverage), "component_weight": float(w[members].sum()),
+              "merged_components": int(len(members)),
+              "components": int(gate.components)}
     return m, [_row("ellipse", "gmm", gate.dims, data, coords, n_fit_events=int(sub.size))]
+
+
+COVERAGES = (0.999, 0.995, 0.99, 0.98, 0.97, 0.95, 0.9, 0.85, 0.8)
+MAX_CONTAMINATION = 0.01
+
+
+def _merge_close(gmm: Any, k: int) -> list[int]:
+    """Component ``k`` and every other whose centre lies inside k's 95% ellipse."""
+    from scipy.stats import chi2
+
+    lim = chi2.ppf(0.95, 2)
+    out = [k]
+    for j in range(len(gmm.weights_)):
+        if j != k and _mahalanobis2(gmm.means_[j][None, :], gmm.means_[k], gmm.covariances_[k])[0] <= lim:
+            out.append(j)
+    return sorted(out)
+
+
+def _auto_coverage(gmm: Any, pts: np.ndarray, members: list[int], mu: np.ndarray, sigma: np.ndarray) -> float:
+    """The widest ellipse whose fitted events are at most 1% from other mixture components.
+
+    Inside each candidate ellipse, an event counts as contamination when the mixture assigns
+    it to a component outside ``members``; the widest coverage meeting the limit wins (else
+    the narrowest).
+    """
+    from scipy.stats import chi2
+
+    foreign = ~np.isin(gmm.predict(pts), members)
+    d2 = _mahalanobis2(pts, mu, sigma)
+    for q in COVERAGES:
+        inside = d2 <= chi2.ppf(q, 2)
+        if inside.any() and foreign[inside].mean() <= MAX_CONTAMINATION:
+            return q
+    return COVERAGES[-1]
+
+
+def _mahalanobis2(pts: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    diff = pts - mean
+    return np.einsum("ij,jk,ik->i", diff, np.linalg.inv(cov), diff)
 
 
 def _singlets(gate: SingletGate, parent: np.ndarray, data: EventData, findings: list[Finding],

@@ -125,9 +125,9 @@ class ScatterGate:
 
     x: str
     y: str
-    components: int = 4
+    components: int = 6
     select: str = "lymphocytes"
-    quantile: float = 0.95
+    quantile: float | None = None  # None: widest ellipse with <= 1% other components
     max_events: int = 20000
     kind: str = "scatter_gmm"
 
@@ -558,12 +558,16 @@ def _parse_gate(obj: Any, path: str, ck: _Checker, known: set[str], parent: str,
         return QuadrantGate(_parse_threshold(obj["x"], f"{path}.x", ck), _parse_threshold(obj["y"], f"{path}.y", ck), q)
     if kind == "scatter":
         ck.mapping(obj, path, ("type", "x", "y", "components", "select", "quantile", "max_events"), required=("x", "y"))
-        comps = ck.number(obj.get("components", 4), f"{path}.components")
+        comps = ck.number(obj.get("components", 6), f"{path}.components")
         if comps != int(comps) or not 2 <= comps <= 8:
             raise ck.fail(f"{path}.components", "a whole number from 2 to 8", obj.get("components"))
-        q = ck.number(obj.get("quantile", 0.95), f"{path}.quantile")
-        if not 0.5 <= q < 1:
-            raise ck.fail(f"{path}.quantile", "a coverage between 0.5 and 1 (e.g. 0.95)", q)
+        q = obj.get("quantile", "auto")
+        if q != "auto":
+            q = ck.number(q, f"{path}.quantile")
+            if not 0.5 <= q < 1:
+                raise ck.fail(f"{path}.quantile", "'auto' or a coverage between 0.5 and 1 (e.g. 0.95)", q)
+        else:
+            q = None
         sel = ck.choice(obj.get("select", "lymphocytes"), f"{path}.select", ("lymphocytes", "largest"))
         return ScatterGate(ck.string(obj["x"], f"{path}.x"), ck.string(obj["y"], f"{path}.y"), int(comps), sel, q,
                            int(ck.number(obj.get("max_events", 20000), f"{path}.max_events")))
