@@ -73,12 +73,20 @@ class EventData:
         if dim not in self._raw:
             col = self.channel_of[dim]
             if self.spill_inverse is not None and col in self.spill_columns:
-                k = self.spill_columns.index(col)
-                ev = self.sample.events
-                self._raw[dim] = ev[:, list(self.spill_columns)].astype(np.float64) @ self.spill_inverse[:, k]
+                self._compensate_all()
             else:
                 self._raw[dim] = self.sample.events[:, col].astype(np.float64)
         return self._raw[dim]
+
+    def _compensate_all(self) -> None:
+        """Compensate, in one pass over the events, every needed dimension that the matrix covers."""
+        dims = [d for d, c in self.channel_of.items() if c in self.spill_columns and d not in self._raw]
+        if not dims:
+            return
+        ks = [self.spill_columns.index(self.channel_of[d]) for d in dims]
+        out = compensate_columns(self.sample.events, self.spill_columns, self.spill_inverse[:, ks])
+        for j, d in enumerate(dims):
+            self._raw[d] = out[:, j]
 
     def values(self, dim: str) -> np.ndarray:
         """Compensated, transformed values of ``dim`` (the units gates are written in)."""
@@ -86,6 +94,39 @@ class EventData:
             t = self.transforms[dim]
             self._tf[dim] = self.raw(dim) if isinstance(t, Identity) else t.apply(self.raw(dim))
         return self._tf[dim]
+
+
+def compensate_columns(events: np.ndarray, columns: tuple[int, ...], inverse_cols: np.ndarray,
+                       block: int = 65536) -> np.ndarray:
+    """``events[:, columns] @ inverse_cols`` in float64, block by block (no full-matrix copies).
+
+    Returns a Fortran-ordered ``(n_events, k)`` array, so each column is contiguous.
+    """
+    n = events.shape[0]
+    k = inverse_cols.shape[1]
+    out = np.empty((n, k), dtype=np.float64, order="F")
+    cols = np.asarray(columns)
+    inv = np.ascontiguousarray(inverse_cols, dtype=np.float64)
+    with _single_thread_blas():
+        for i in range(0, n, block):
+            out[i:i + block] = events[i:i + block][:, cols].astype(np.float64) @ inv
+    return out
+
+
+class _single_thread_blas:
+    """Small products run faster on one BLAS thread, and do not fight the batch's worker processes."""
+
+    def __enter__(self) -> None:
+        try:
+            from threadpoolctl import threadpool_limits
+
+            self._ctx = threadpool_limits(1, user_api="blas")
+        except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+            self._ctx = None
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ctx is not None:
+            self._ctx.unregister()
 
 
 def prepare(
@@ -491,8 +532,9 @@ def _scatter_gmm(gate: ScatterGate, parent: np.ndarray, data: EventData, finding
     x, y = data.values(gate.x), data.values(gate.y)
     pts = np.column_stack([x[sub], y[sub]])
     scale = np.maximum(np.percentile(np.abs(pts), 99, axis=0), 1e-9)
-    gmm = GaussianMixture(n_components=gate.components, covariance_type="full", random_state=0, n_init=2,
-                          reg_covar=1e-4).fit(pts / scale)
+    with _single_thread_blas():
+        gmm = GaussianMixture(n_components=gate.components, covariance_type="full", random_state=0, n_init=1,
+                              reg_covar=1e-4).fit(pts / scale)
     means = gmm.means_ * scale
     covs = gmm.covariances_ * np.outer(scale, scale)
     w = gmm.weights_

@@ -33,6 +33,9 @@ GATE_COLUMNS = [
 
 # FlowJo's robust CV: half the spread between the 15.87th and 84.13th percentiles, over the median
 _RCV_Q = (15.865525393145708, 84.13447460685429)
+# Quantiles are observations (inverted CDF), so the transformed median is exactly the
+# transform of the raw median (transforms are monotone) and is computed once.
+_QS = (_RCV_Q[0], 50.0, _RCV_Q[1])
 
 
 def _pct(num: int, den: int) -> float:
@@ -100,7 +103,12 @@ def intensity_rows(
     markers: Sequence[str],
     sample_id: str,
 ) -> list[dict[str, Any]]:
-    """Median and robust CV of each marker per population, compensated, raw and transformed."""
+    """Median and robust CV of each marker per population, compensated, raw and transformed.
+
+    Quantiles are taken as observations (numpy ``method='inverted_cdf'``): for an even
+    count the median is the lower middle event, and the transformed median is exactly
+    the transform of the raw one.
+    """
     template = data.template
     tcols = _template_cols(template)
     rows = []
@@ -112,10 +120,9 @@ def intensity_rows(
         for mk in markers:
             t = data.transforms[mk]
             if n:
-                raw = data.raw(mk)[mask]
-                tf = data.values(mk)[mask]
-                med_r, rcv_r = _median_rcv(raw)
-                med_t, rcv_t = _median_rcv(tf)
+                qs = np.percentile(data.raw(mk)[mask], _QS, method="inverted_cdf")
+                med_r, rcv_r = _median_rcv(qs)
+                med_t, rcv_t = _median_rcv(t.apply(qs))
             else:
                 med_r = rcv_r = med_t = rcv_t = math.nan
             rows.append({
@@ -126,10 +133,11 @@ def intensity_rows(
     return rows
 
 
-def _median_rcv(v: np.ndarray) -> tuple[float, float]:
-    lo, med, hi = np.percentile(v, [_RCV_Q[0], 50.0, _RCV_Q[1]])
+def _median_rcv(q: np.ndarray) -> tuple[float, float]:
+    """Median and robust CV from the (P15.87, P50, P84.13) quantiles."""
+    lo, med, hi = (float(x) for x in q)
     rcv = 100.0 * 0.5 * (hi - lo) / abs(med) if med != 0 else math.nan
-    return float(med), float(rcv)
+    return med, rcv
 
 
 def gate_rows(result: GatingResult, template: Template, sample_id: str) -> list[dict[str, Any]]:

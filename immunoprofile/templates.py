@@ -128,7 +128,7 @@ class ScatterGate:
     components: int = 6
     select: str = "lymphocytes"
     quantile: float | None = None  # None: widest ellipse with <= 1% other components
-    max_events: int = 20000
+    max_events: int = 10000
     kind: str = "scatter_gmm"
 
     @property
@@ -570,7 +570,7 @@ def _parse_gate(obj: Any, path: str, ck: _Checker, known: set[str], parent: str,
             q = None
         sel = ck.choice(obj.get("select", "lymphocytes"), f"{path}.select", ("lymphocytes", "largest"))
         return ScatterGate(ck.string(obj["x"], f"{path}.x"), ck.string(obj["y"], f"{path}.y"), int(comps), sel, q,
-                           int(ck.number(obj.get("max_events", 20000), f"{path}.max_events")))
+                           int(ck.number(obj.get("max_events", 10000), f"{path}.max_events")))
     if kind == "singlets":
         ck.mapping(obj, path, ("type", "area", "height", "mads"), required=("area", "height"))
         mads = ck.number(obj.get("mads", 4.0), f"{path}.mads")

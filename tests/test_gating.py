@@ -148,3 +148,23 @@ def test_missing_marker_is_a_sample_error():
     t = tpl("  - name: x\n    gate: {type: threshold, marker: LAG3, value: 0.5}\n")
     with pytest.raises(MarkerError, match="marker 'LAG3' not found"):
         prepare(s, t)
+
+
+def test_intensities_equal_numpy_quantiles_of_compensated_values():
+    from immunoprofile.stats import intensity_rows
+
+    spill = np.array([[1.0, 0.15, 0.0], [0.02, 1.0, 0.3], [0.0, 0.05, 1.0]])
+    s, _ = make_sample(seed=9, spill=spill)
+    t = tpl("  - name: CD3+\n    gate: {type: threshold, marker: CD3, value: 0.55}\n")
+    data = prepare(s, t, extra_markers=("PD1",))
+    res = gate_events(data)
+    rows = {(r["population"], r["marker"]): r for r in intensity_rows(res, data, ["CD3", "PD1"], "x")}
+    comp = np.linalg.solve(spill.T, s.events[:, 3:6].astype(np.float64).T).T
+    m = logicle(comp[:, 0]) >= 0.55
+    pd1 = comp[m, 1]
+    lo, med, hi = np.percentile(pd1, [15.865525393145708, 50, 84.13447460685429], method="inverted_cdf")
+    r = rows[("CD3+", "PD1")]
+    assert r["count"] == m.sum()
+    assert r["median_raw"] == pytest.approx(med, rel=1e-9)
+    assert r["rcv_raw"] == pytest.approx(100 * (hi - lo) / 2 / abs(med), rel=1e-9)
+    assert r["median_transformed"] == pytest.approx(logicle([med])[0], abs=1e-9)
