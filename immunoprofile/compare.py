@@ -67,6 +67,9 @@ LONGITUDINAL_COLUMNS: tuple[str, ...] = (
     "friedman_method", "friedman_p", "friedman_q",
     "model", "model_scale", "model_n_obs", "model_n_patients", "model_f", "model_df_num", "model_df_den",
     "model_p", "model_q", "model_estimate", "model_ci_low", "model_ci_high", "model_p_vs_baseline",
+    "mixed_model", "mixed_n_obs", "mixed_n_patients", "mixed_chi2", "mixed_df", "mixed_p", "mixed_q",
+    "mixed_patient_sd", "mixed_residual_sd", "mixed_converged", "mixed_estimate", "mixed_ci_low", "mixed_ci_high",
+    "mixed_p_vs_baseline",
     "bh_family", "note",
 )
 EXCLUSION_COLUMNS: tuple[str, ...] = ("measure", "comparison", "panel", "patient_id", "population", "scope",
@@ -485,11 +488,12 @@ def _finish_longitudinal(rows: list[dict[str, Any]], measures: list[str], tps: l
     df["_g"] = df["group"].map(_group_rank(groups))
     df["friedman_q"] = np.nan
     df["model_q"] = np.nan
+    df["mixed_q"] = np.nan
     df["bh_family"] = ""
     for (measure, group), idx in df.groupby(["measure", "group"], sort=False).groups.items():
         sub = df.loc[idx]
         first = sub[sub["timepoint_index"] == 0]   # one row per population carries the overall tests
-        for col, qcol in (("friedman_p", "friedman_q"), ("model_p", "model_q")):
+        for col, qcol in (("friedman_p", "friedman_q"), ("model_p", "model_q"), ("mixed_p", "mixed_q")):
             q = ct.benjamini_hochberg(first[col].to_numpy(np.float64))
             key = first["panel"] + "\x1f" + first["population"]
             qmap = dict(zip(key, q))
@@ -498,7 +502,7 @@ def _finish_longitudinal(rows: list[dict[str, Any]], measures: list[str], tps: l
         df.loc[idx, "bh_family"] = f"{measure} / longitudinal / {group}: {n_pops} panel populations"
     df = df.sort_values(["_m", "_g", "panel", "_order"], kind="stable")
     for c in ("timepoint_index", "n_samples", "n_patients", "n_complete", "friedman_df", "model_n_obs",
-              "model_n_patients", "model_df_num", "model_df_den"):
+              "model_n_patients", "model_df_num", "model_df_den", "mixed_n_obs", "mixed_n_patients", "mixed_df"):
         df[c] = df[c].astype(int)
     return df[list(LONGITUDINAL_COLUMNS)].reset_index(drop=True)
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import compare_tests as ct
-from .compare_model import MODEL_NAME, within_patient_model
+from .compare_model import MIXED_MODEL_NAME, MODEL_NAME, random_intercept_model, within_patient_model
 from .compare_paired import MIN_PAIRS
 
 
@@ -96,6 +96,12 @@ def longitudinal_rows(value: np.ndarray, transformed: np.ndarray, timepoints: Se
         else:
             notes.append("model: not estimable (too few patients with two or more visits, or no variation "
                          "within patients)")
+    mixed = random_intercept_model(transformed, level)
+    overall.update(mixed_model=MIXED_MODEL_NAME, mixed_n_obs=mixed.n_obs, mixed_n_patients=mixed.n_patients,
+                   mixed_chi2=mixed.chi2, mixed_df=mixed.df, mixed_p=mixed.pvalue, mixed_patient_sd=mixed.patient_sd,
+                   mixed_residual_sd=mixed.residual_sd, mixed_converged=mixed.converged)
+    if not math.isfinite(mixed.pvalue):
+        notes.append("mixed model: not estimable (fewer than 3 patients, no variation, or no convergence)")
     rows = []
     for j, tp in enumerate(timepoints):
         col = value[:, j]
@@ -105,6 +111,8 @@ def longitudinal_rows(value: np.ndarray, transformed: np.ndarray, timepoints: Se
                    median=float(np.median(col)) if col.size else math.nan,
                    model_estimate=float(model.estimate[j]), model_ci_low=float(model.ci_low[j]),
                    model_ci_high=float(model.ci_high[j]), model_p_vs_baseline=float(model.p_each[j]),
+                   mixed_estimate=float(mixed.estimate[j]), mixed_ci_low=float(mixed.ci_low[j]),
+                   mixed_ci_high=float(mixed.ci_high[j]), mixed_p_vs_baseline=float(mixed.p_each[j]),
                    note=list(notes))
         rows.append(row)
     return rows

@@ -143,3 +143,112 @@ def within_patient_model(y: np.ndarray, level: float = 0.95) -> WithinModelResul
         lo[t], hi[t] = b - crit * s, b + crit * s
         pe[t] = min(1.0, 2.0 * float(special.stdtr(df_den, -abs(b / s))))
     return WithinModelResult(n_obs, n_pat, float(f), df_num, df_den, p, est, se, lo, hi, pe)
+
+
+MIXED_MODEL_NAME = "linear mixed model, random patient intercept (statsmodels MixedLM, REML)"
+
+
+@dataclass(frozen=True)
+class MixedModelResult:
+    """Fit of :func:`random_intercept_model` (Wald tests, normal reference as in statsmodels).
+
+    Attributes
+    ----------
+    n_obs, n_patients
+        Observations and patients used (every patient with at least one visit).
+    chi2, df, pvalue
+        Wald test that all timepoint effects are zero.
+    estimate, se, ci_low, ci_high, p_each
+        Per timepoint (index 0 = baseline, NaN): effect vs baseline, as in :class:`WithinModelResult`.
+    patient_sd, residual_sd
+        Estimated SD of the patient intercepts and of the residuals.
+    converged
+        Whether the optimiser converged (results are NaN when it did not).
+    """
+
+    n_obs: int
+    n_patients: int
+    chi2: float
+    df: int
+    pvalue: float
+    estimate: np.ndarray
+    se: np.ndarray
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+    p_each: np.ndarray
+    patient_sd: float
+    residual_sd: float
+    converged: bool
+
+
+def random_intercept_model(y: np.ndarray, level: float = 0.95) -> MixedModelResult:
+    """Timepoint effects with a random intercept per patient, fitted by REML.
+
+    ``y`` is a ``patients x timepoints`` table on the model scale (logit frequencies or log
+    counts), NaN for a missed visit; column 0 is the baseline. Unlike
+    :func:`within_patient_model`, patients seen once also contribute (through the
+    between-patient information), which is what a random intercept buys.
+
+    Raises
+    ------
+    ValueError
+        If ``y`` is not 2-d with at least 2 columns, or holds infinities.
+    """
+    import warnings
+
+    from scipy import stats as sstats
+
+    y = np.asarray(y, dtype=np.float64)
+    if y.ndim != 2 or y.shape[1] < 2:
+        raise ValueError("need a patients x timepoints table with >= 2 timepoints")
+    if np.any(np.isinf(y)):
+        raise ValueError("values must be finite or NaN")
+    n_t = y.shape[1]
+    nan_t = np.full(n_t, np.nan)
+    rows, cols = np.nonzero(np.isfinite(y))
+    values = y[rows, cols]
+    n_obs, n_pat = int(values.size), int(np.unique(rows).size)
+
+    def empty(converged: bool = False) -> MixedModelResult:
+        return MixedModelResult(n_obs, n_pat, math.nan, 0, math.nan, nan_t.copy(), nan_t.copy(), nan_t.copy(),
+                                nan_t.copy(), nan_t.copy(), math.nan, math.nan, converged)
+
+    t_cols = [t for t in range(1, n_t) if np.any(cols == t)]
+    if n_pat < 3 or not t_cols or n_obs <= n_pat + len(t_cols) or np.ptp(values) == 0:
+        return empty()
+    x = np.zeros((n_obs, 1 + len(t_cols)))
+    x[:, 0] = 1.0
+    for j, t in enumerate(t_cols):
+        x[cols == t, 1 + j] = 1.0
+    if np.linalg.matrix_rank(x) < x.shape[1]:
+        return empty()
+    from statsmodels.regression.mixed_linear_model import MixedLM
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            fit = MixedLM(values, x, groups=rows).fit(reml=True, method=["lbfgs", "powell"])
+        except (np.linalg.LinAlgError, ValueError):
+            return empty()
+    converged = bool(getattr(fit, "converged", True)) and not any(
+        "converge" in str(w.message).lower() for w in caught)
+    k = len(t_cols)
+    beta = np.asarray(fit.fe_params)[1:]
+    cov = np.asarray(fit.cov_params())[1:1 + k, 1:1 + k]
+    if not np.all(np.isfinite(cov)) or not converged:
+        return empty(converged)
+    se_k = np.sqrt(np.diag(cov))
+    z = sstats.norm.ppf(0.5 + level / 2.0)
+    est, se, lo, hi, pe = (nan_t.copy() for _ in range(5))
+    for j, t in enumerate(t_cols):
+        est[t], se[t] = beta[j], se_k[j]
+        lo[t], hi[t] = beta[j] - z * se_k[j], beta[j] + z * se_k[j]
+        pe[t] = float(2 * sstats.norm.sf(abs(beta[j] / se_k[j]))) if se_k[j] > 0 else math.nan
+    try:
+        chi2 = float(beta @ np.linalg.solve(cov, beta))
+    except np.linalg.LinAlgError:
+        chi2 = math.nan
+    p = float(sstats.chi2.sf(chi2, k)) if math.isfinite(chi2) else math.nan
+    patient_var = float(np.asarray(fit.cov_re).ravel()[0]) if np.size(fit.cov_re) else math.nan
+    return MixedModelResult(n_obs, n_pat, chi2, k, p, est, se, lo, hi, pe,
+                            math.sqrt(max(patient_var, 0.0)), math.sqrt(float(fit.scale)), converged)

@@ -674,3 +674,30 @@ def test_transform_uses_only_the_compared_timepoints():
         index="patient_id", columns="timepoint", values="l")
     assert row["ttest_p"] == pytest.approx(st.ttest_rel(wide["late"], wide["post"]).pvalue, rel=RTOL)
     assert "P01" not in res.exclusions["patient_id"].to_list()
+
+
+def test_random_intercept_model_matches_within_patient_model_on_balanced_data():
+    """Balanced, complete data: the mixed model's timepoint effects and SEs equal the within-patient model's."""
+    from immunoprofile.compare_model import random_intercept_model
+
+    rng = np.random.default_rng(3)
+    n, k = 12, 3
+    y = rng.normal(0, 1.0, (n, 1)) + np.array([0.0, -0.5, 0.2]) + rng.normal(0, 0.3, (n, k))
+    mixed, within = random_intercept_model(y), within_patient_model(y)
+    assert mixed.converged and mixed.n_obs == n * k and mixed.n_patients == n
+    assert np.allclose(mixed.estimate[1:], within.estimate[1:], rtol=1e-6)
+    assert np.allclose(mixed.se[1:], within.se[1:], rtol=1e-3)
+    assert mixed.patient_sd > 0.5
+
+
+def test_random_intercept_model_uses_patients_with_missed_visits():
+    from immunoprofile.compare_model import random_intercept_model
+
+    rng = np.random.default_rng(5)
+    y = rng.normal(0, 1.0, (10, 1)) + np.array([0.0, -1.0, -0.5]) + rng.normal(0, 0.2, (10, 3))
+    y[[0, 1], 1] = np.nan  # missed visits
+    y[2, 1:] = np.nan  # seen once: still contributes to the mixed model, not to the within model
+    mixed, within = random_intercept_model(y), within_patient_model(y)
+    assert mixed.n_obs == 30 - 4 and mixed.n_patients == 10
+    assert within.n_patients == 9
+    assert mixed.p_each[1] < 0.001 and mixed.estimate[1] == pytest.approx(-1.0, abs=0.25)
