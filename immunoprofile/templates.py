@@ -401,6 +401,8 @@ def parse_template(text: str, source: str = "<template>") -> Template:
         path = f"populations[{i}]"
         ck.mapping(item, path, ("name", "parent", "gate", "reference", "description"), required=("name", "gate"))
         pname = ck.string(item["name"], f"{path}.name")
+        if pname == ROOT:
+            raise ck.fail(f"{path}.name", f"a population name other than {ROOT!r} (reserved for all events)", pname)
         if pname in seen:
             raise ck.fail(f"{path}.name", "a population name used only once", pname, code="TEMPLATE_DUPLICATE")
         parent = ck.string(item.get("parent", ROOT), f"{path}.parent")
@@ -411,10 +413,21 @@ def parse_template(text: str, source: str = "<template>") -> Template:
         seen.add(pname)
     # references: per population, else template default, else parent
     final: list[Population] = []
+    parent_of = {p.name: p.parent for p in populations}
+
+    def below(name: str, ancestor: str) -> bool:
+        while name in parent_of:
+            name = parent_of[name]
+            if name == ancestor:
+                return True
+        return False
+
     for i, (item, p) in enumerate(zip(pops_raw, populations)):
-        ref = item.get("reference", default_ref)
+        ref = item.get("reference")
         if ref is None:
-            ref = p.parent
+            # the template's default reference applies to the populations below it; above it
+            # (e.g. lymphocytes when the reference is live) a percentage of it would exceed 100
+            ref = default_ref if default_ref is not None and below(p.name, default_ref) else p.parent
         ref = ck.string(ref, f"populations[{i}].reference" if "reference" in item else "reference")
         if ref not in seen:
             raise ck.fail(f"populations[{i}].reference" if "reference" in item else "reference",

@@ -166,7 +166,7 @@ def test_show_prints_populations_with_parents_and_gates():
                      out, re.M)
     assert re.search(r"^  CD8 T\s+T cells\s+live\s+quadrant -\+ of CD4 \(density\) x CD8 \(density\)$", out, re.M)
     assert re.search(r"^  CD4 PD1\+LAG3\+\s+CD4 T\s+CD4 T\s+boolean and: CD4 PD1\+, CD4 LAG3\+$", out, re.M)
-    assert re.search(r"^  lymphocytes\s+root\s+live\s+scatter FSC-A/SSC-A: Gaussian mixture", out, re.M)
+    assert re.search(r"^  lymphocytes\s+root\s+root\s+scatter FSC-A/SSC-A: Gaussian mixture", out, re.M)
     assert "populations (18):" in out
 
 
