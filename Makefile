@@ -22,6 +22,10 @@ demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(BIN)/immunoprofile gate --template t_cell_exhaustion --template nk_inhibitory \
 	    --samples sample_data/samplesheet.csv --out $(DEMO)/gate
+	$(BIN)/immunoprofile compare $(DEMO)/gate --pre pre --post post_clofarabine --by group \
+	    --out $(DEMO)/compare
+	$(BIN)/immunoprofile compare $(DEMO)/gate --timepoints pre,post_clofarabine,post_lenalidomide \
+	    --out $(DEMO)/longitudinal
 	@echo "demo results in $(DEMO)/"
 
 ## The test suite (what .ci/run calls).
