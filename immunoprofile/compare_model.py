@@ -58,6 +58,15 @@ class WithinModelResult:
     p_each: np.ndarray
 
 
+def _check_table(y: np.ndarray) -> np.ndarray:
+    y = np.asarray(y, dtype=np.float64)
+    if y.ndim != 2 or y.shape[1] < 2:
+        raise ValueError("need a patients x timepoints table with >= 2 timepoints")
+    if np.any(np.isinf(y)):
+        raise ValueError("values must be finite or NaN")
+    return y
+
+
 def within_patient_model(y: np.ndarray, level: float = 0.95) -> WithinModelResult:
     """Fit timepoint effects with a fixed intercept per patient.
 
@@ -81,11 +90,7 @@ def within_patient_model(y: np.ndarray, level: float = 0.95) -> WithinModelResul
     ValueError
         If ``y`` is not 2-d with at least 2 columns, or holds infinities.
     """
-    y = np.asarray(y, dtype=np.float64)
-    if y.ndim != 2 or y.shape[1] < 2:
-        raise ValueError("need a patients x timepoints table with >= 2 timepoints")
-    if np.any(np.isinf(y)):
-        raise ValueError("values must be finite or NaN")
+    y = _check_table(y)
     n_t = y.shape[1]
     nan_t = np.full(n_t, np.nan)
     observed = np.isfinite(y)
@@ -198,11 +203,7 @@ def random_intercept_model(y: np.ndarray, level: float = 0.95) -> MixedModelResu
 
     from scipy import stats as sstats
 
-    y = np.asarray(y, dtype=np.float64)
-    if y.ndim != 2 or y.shape[1] < 2:
-        raise ValueError("need a patients x timepoints table with >= 2 timepoints")
-    if np.any(np.isinf(y)):
-        raise ValueError("values must be finite or NaN")
+    y = _check_table(y)
     n_t = y.shape[1]
     nan_t = np.full(n_t, np.nan)
     rows, cols = np.nonzero(np.isfinite(y))
