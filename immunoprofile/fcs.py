@@ -972,7 +972,8 @@ def _decode(data: bytes, start: int, n: int, params: list[_Param], endian: str, 
         q0 = params[0]
         code = {"F": "f", "D": "f", "I": "u"}[q0.kind]
         raw = np.frombuffer(data, dtype=f"{endian}{code}{q0.bits // 8}", count=n * p, offset=start).reshape(n, p)
-        out = raw.astype(dtype)
+        # native-order data already in the target type is used in place (read-only, no copy)
+        out = raw.astype(dtype, copy=any(m is not None for m in masks))
         for j, m in enumerate(masks):
             if m is not None:
                 put_int_column(out, j, raw[:, j])

@@ -9,13 +9,24 @@ boolean mask per population plus the coordinates every gate actually used
 Boundary rules follow Gating-ML 2.0 and FlowKit: a range keeps ``min <= x < max``;
 a threshold ``above`` keeps ``x >= t`` and ``below`` keeps ``x < t``; a quadrant's
 divider belongs to its positive side; polygons use the winding rule and ellipses
-keep ``d^2 <= D^2`` (both via :mod:`flowutils.gating`, as FlowKit does).
+keep ``d^2 <= D^2`` (the same arithmetic as :mod:`flowutils.gating`, which FlowKit uses).
+
+Speed (docs/performance.md): a gate below the root is evaluated only on its parent's
+events (sorted event numbers), and a dimension is transformed only for those events;
+compensation is one blocked pass over the event matrix for every needed channel;
+data-driven thresholds come from one sort of the parent's values. Each shortcut is
+exact: results equal, event for event and bit for bit, gating every event on
+full-length transformed columns with ``np.percentile``/``np.histogram``
+(``tests/test_perf_equivalence.py``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +71,7 @@ class EventData:
     findings: list[Finding] = field(default_factory=list)
     _raw: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _tf: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    _pending: Any = field(default=None, repr=False)
 
     @property
     def n_events(self) -> int:
@@ -73,18 +85,41 @@ class EventData:
         if dim not in self._raw:
             col = self.channel_of[dim]
             if self.spill_inverse is not None and col in self.spill_columns:
-                self._compensate_all()
+                self._wait()
+                if dim not in self._raw:
+                    self._compensate_all()
             else:
                 self._raw[dim] = self.sample.events[:, col].astype(np.float64)
         return self._raw[dim]
 
-    def _compensate_all(self) -> None:
+    def compensate_in_background(self) -> None:
+        """Start compensating every needed channel in a second thread, if :func:`worker_threads` allows.
+
+        The first :meth:`raw` of a compensated channel waits for it (and re-raises its error);
+        meanwhile the gates on scatter channels run. numpy releases the GIL in the copies and
+        the matrix product, so the two overlap on two cores. The values are the same either way.
+        The caller holds :class:`_single_thread_blas` until it has waited (the thread sets no
+        thread limits of its own: OpenMP's belong to the calling thread).
+        """
+        if self._pending is not None or self.spill_inverse is None or worker_threads() < 2:
+            return
+        if all(d in self._raw for d, c in self.channel_of.items() if c in self.spill_columns):
+            return
+        self._pending = _Background(lambda: self._compensate_all(limit_threads=False), "immunoprofile-compensate")
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.wait()
+
+    def _compensate_all(self, limit_threads: bool = True) -> None:
         """Compensate, in one pass over the events, every needed dimension that the matrix covers."""
         dims = [d for d, c in self.channel_of.items() if c in self.spill_columns and d not in self._raw]
         if not dims:
             return
         ks = [self.spill_columns.index(self.channel_of[d]) for d in dims]
-        out = compensate_columns(self.sample.events, self.spill_columns, self.spill_inverse[:, ks])
+        args = (self.sample.events, self.spill_columns, self.spill_inverse[:, ks], _COMP_BLOCK)
+        out = compensate_columns(*args) if limit_threads else _compensate(*args)
         for j, d in enumerate(dims):
             self._raw[d] = out[:, j]
 
@@ -95,38 +130,174 @@ class EventData:
             self._tf[dim] = self.raw(dim) if isinstance(t, Identity) else t.apply(self.raw(dim))
         return self._tf[dim]
 
+    def values_at(self, dim: str, index: np.ndarray | None) -> np.ndarray:
+        """``values(dim)[index]`` without transforming the other events.
+
+        ``index`` holds sorted event numbers (``None``: every event). Transforms act on
+        each value alone, so the result equals the full column's entries exactly.
+        """
+        if index is None:
+            return self.values(dim)
+        if dim in self._tf:
+            return self._tf[dim][index]
+        if dim in self._raw or self._compensated(dim):
+            raw = self.raw(dim)[index]
+        else:  # straight from the event matrix: no full-length copy of the column
+            raw = np.take(self.sample.events[:, self.channel_of[dim]], index).astype(np.float64)
+        t = self.transforms[dim]
+        return raw if isinstance(t, Identity) else t.apply(raw)
+
+    def _compensated(self, dim: str) -> bool:
+        return self.spill_inverse is not None and self.channel_of[dim] in self.spill_columns
+
+    def _column(self, dim: str) -> np.ndarray:
+        """``values(dim)``, not kept (an uncompensated column is read again from the event matrix)."""
+        if dim in self._tf or dim in self._raw or self._compensated(dim):
+            return self.values(dim)
+        raw = self.sample.events[:, self.channel_of[dim]].astype(np.float64)
+        t = self.transforms[dim]
+        return raw if isinstance(t, Identity) else t.apply(raw)
+
+
+_COMP_BLOCK = 16384  # events per block: the float64 copy of a block stays in the L2 cache
+
 
 def compensate_columns(events: np.ndarray, columns: tuple[int, ...], inverse_cols: np.ndarray,
                        block: int = 65536) -> np.ndarray:
     """``events[:, columns] @ inverse_cols`` in float64, block by block (no full-matrix copies).
 
-    Returns a Fortran-ordered ``(n_events, k)`` array, so each column is contiguous.
+    Returns a Fortran-ordered ``(n_events, k)`` array, so each column is contiguous. The
+    values are those of one product over all events on one thread for any even ``block``
+    (BLAS rounds a block's lone odd last row its own way; here only the very last event can
+    be one, as in the single product).
     """
+    with _single_thread_blas():
+        return _compensate(events, columns, inverse_cols, block)
+
+
+def _compensate(events: np.ndarray, columns: tuple[int, ...], inverse_cols: np.ndarray, block: int) -> np.ndarray:
+    """:func:`compensate_columns` without touching thread limits (for a background thread)."""
     n = events.shape[0]
     k = inverse_cols.shape[1]
     out = np.empty((n, k), dtype=np.float64, order="F")
-    cols = np.asarray(columns)
+    cols = np.asarray(columns, dtype=np.intp)
     inv = np.ascontiguousarray(inverse_cols, dtype=np.float64)
-    with _single_thread_blas():
-        for i in range(0, n, block):
-            out[i:i + block] = events[i:i + block][:, cols].astype(np.float64) @ inv
+    # adjacent columns are read as a slice (no fancy-index copy); the float64 block is reused
+    step = cols[1] - cols[0] if cols.size > 1 else 1
+    span = (slice(int(cols[0]), int(cols[-1]) + 1, int(step))
+            if cols.size and step > 0 and np.array_equal(cols, np.arange(cols[0], cols[-1] + 1, step)) else cols)
+    block = max(2, min(block, n))
+    buf = np.empty((block + 1, cols.size), dtype=np.float64)
+    prod = np.empty((block + 1, k), dtype=np.float64)
+    i = 0
+    while i < n:
+        m = min(block, n - i)
+        if n - i - m == 1:
+            m += 1  # never a lone last row: BLAS takes another path for it (gemv), which may round differently
+        np.copyto(buf[:m], events[i:i + m, span], casting="unsafe")
+        np.matmul(buf[:m], inv, out=prod[:m])
+        out[i:i + m] = prod[:m]
+        i += m
     return out
 
 
+def worker_threads() -> int:
+    """Threads one sample may use: ``IMMUNOPROFILE_THREADS`` if set; else 1 in a worker process
+    (a batch's workers already fill the CPUs), 2 when 2 CPUs are available. Results do not
+    depend on it."""
+    env = os.environ.get("IMMUNOPROFILE_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:
+        return 1
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cpus = os.cpu_count() or 1
+    return 2 if cpus >= 2 else 1
+
+
+class _Background:
+    """``fn()`` in a daemon thread; :meth:`wait` joins it and re-raises its exception."""
+
+    def __init__(self, fn: Any, name: str) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Any) -> None:
+        try:
+            fn()
+        except BaseException as e:  # handed to the waiting thread
+            self._error = e
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+_THREADPOOLS: dict[str, Any] = {}
+_BLAS_LOCK = threading.Lock()
+_BLAS_LIMIT: dict[str, Any] = {"depth": 0, "ctx": None}
+_OPENMP = threading.local()  # OpenMP's thread count is per calling thread
+
+
+def _controller(user_api: str) -> Any:
+    from threadpoolctl import ThreadpoolController
+
+    key = f"{user_api}:{'sklearn' in sys.modules}"  # again once scikit-learn has loaded its OpenMP runtime
+    ctl = _THREADPOOLS.get(key)
+    if ctl is None:
+        ctl = _THREADPOOLS[key] = ThreadpoolController().select(user_api=user_api)
+    return ctl
+
+
 class _single_thread_blas:
-    """Small products run faster on one BLAS thread, and do not fight the batch's worker processes."""
+    """One thread for BLAS and OpenMP inside the block.
+
+    Small products and the scatter mixture run faster on one thread, do not fight the
+    batch's worker processes or our own second thread, and give the same numbers on every
+    machine (an OpenMP reduction's order depends on the thread count). BLAS's limit is
+    process-wide, so nested and concurrent blocks share one (set by the first to enter,
+    lifted by the last to leave); OpenMP's applies to the calling thread, so each thread
+    sets its own. The thread-pool controllers are made once per process (finding the
+    libraries costs milliseconds).
+    """
 
     def __enter__(self) -> None:
+        self._openmp = None
         try:
-            from threadpoolctl import threadpool_limits
-
-            self._ctx = threadpool_limits(1, user_api="blas")
+            import threadpoolctl  # noqa: F401
         except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-            self._ctx = None
+            self._skip = True
+            return
+        self._skip = False
+        with _BLAS_LOCK:
+            if _BLAS_LIMIT["depth"] == 0:
+                _BLAS_LIMIT["ctx"] = _controller("blas").limit(limits=1)
+            _BLAS_LIMIT["depth"] += 1
+        depth = getattr(_OPENMP, "depth", 0)
+        if depth == 0 or (not getattr(_OPENMP, "sklearn", False) and "sklearn" in sys.modules):
+            self._openmp = _controller("openmp").limit(limits=1)
+            _OPENMP.sklearn = "sklearn" in sys.modules
+        _OPENMP.depth = depth + 1
 
     def __exit__(self, *exc: object) -> None:
-        if self._ctx is not None:
-            self._ctx.unregister()
+        if self._skip:
+            return
+        _OPENMP.depth -= 1
+        if self._openmp is not None:
+            self._openmp.unregister()
+            if _OPENMP.depth == 0:
+                _OPENMP.sklearn = False
+        with _BLAS_LOCK:
+            _BLAS_LIMIT["depth"] -= 1
+            if _BLAS_LIMIT["depth"] == 0:
+                _BLAS_LIMIT["ctx"].unregister()
+                _BLAS_LIMIT["ctx"] = None
 
 
 def prepare(
@@ -141,7 +312,9 @@ def prepare(
 
     ``compensation`` (names, spillover matrix) overrides the template and the file.
     ``channel_hints`` maps a marker to a ``$PnN`` to use when the file does not label it
-    (FMO controls often leave the omitted marker's ``$PnS`` empty).
+    (FMO controls often leave the omitted marker's ``$PnS`` empty). ``extra_markers`` are
+    the file's own ``$PnS`` labels (``--intensities all``): one that labels exactly one
+    channel is that channel, even when the alias table does not know it.
 
     Raises
     ------
@@ -154,6 +327,10 @@ def prepare(
     channel_of: dict[str, int] = {}
     for dim in (*template.markers, *extra_markers):
         if dim in channel_of:
+            continue
+        labelled = [i for i, m in enumerate(sample.markers) if m == dim]
+        if dim not in template.markers and len(labelled) == 1:
+            channel_of[dim] = labelled[0]  # an extra marker is the file's own $PnS label
             continue
         channel_of[dim] = _find_channel(dim, sample, template, aliases, channel_hints)
     transforms: dict[str, Transform] = {}
@@ -239,11 +416,30 @@ def _setup_compensation(data: EventData, override: tuple[tuple[str, ...], np.nda
 # ---------------------------------------------------------------- results
 @dataclass
 class GatingResult:
-    """Masks per population, the gates as applied, and findings."""
+    """Masks per population, the gates as applied, and findings.
+
+    ``index`` maps a population to its sorted event numbers (``np.flatnonzero`` of its
+    mask) where gating already had them; :func:`population_index` gives any population's.
+    """
 
     masks: dict[str, np.ndarray]
     gates: list[dict[str, Any]]
     findings: list[Finding]
+    index: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+
+def population_index(result: GatingResult, name: str) -> np.ndarray:
+    """Sorted event numbers of population ``name`` (kept in ``result.index``).
+
+    Raises
+    ------
+    KeyError
+        ``name`` was not gated.
+    """
+    idx = result.index.get(name)
+    if idx is None:
+        idx = result.index[name] = np.flatnonzero(result.masks[name])
+    return idx
 
 
 @dataclass(frozen=True)
@@ -256,6 +452,77 @@ class FmoValue:
 
 
 FmoKey = tuple[str, str]  # (marker, parent population)
+
+
+class _Populations:
+    """Masks, event numbers and per-population transformed values while one sample is gated.
+
+    A gate below the root sees only its parent's events: ``values(dim, parent)`` is
+    ``data.values(dim)[masks[parent]]``, computed for those events alone and kept until
+    gating ends. The masks are rows of one block (one allocation, faulted in large pages).
+    """
+
+    def __init__(self, data: EventData, n_populations: int) -> None:
+        self.data = data
+        self._block = np.zeros((n_populations + 1, data.n_events), dtype=bool)
+        self._rows = iter(self._block)
+        root = next(self._rows)
+        root.fill(True)
+        self.masks: dict[str, np.ndarray] = {ROOT: root}
+        self.index: dict[str, np.ndarray | None] = {ROOT: None}  # None: every event
+        self._values: dict[tuple[str, str], np.ndarray] = {}
+        # the values a gate reads are its parent's: dropped once the parent's last child is gated
+        self._last_child = {p.parent: p.name for p in data.template.populations}
+
+    def done(self, name: str) -> None:
+        """``name`` is gated: forget the values read for gates below a parent with no children left."""
+        for parent, last in self._last_child.items():
+            if last == name:
+                for key in [k for k in self._values if k[1] == parent]:
+                    del self._values[key]
+
+    def events(self, name: str) -> np.ndarray | None:
+        """Sorted event numbers of ``name``; None for the root (every event)."""
+        if name not in self.index:
+            self.index[name] = np.flatnonzero(self.masks[name])
+        return self.index[name]
+
+    def size(self, name: str) -> int:
+        idx = self.events(name)
+        return self.data.n_events if idx is None else int(idx.size)
+
+    def values(self, dim: str, name: str) -> np.ndarray:
+        """Transformed ``dim`` of the events of ``name``, in event order."""
+        key = (dim, name)
+        v = self._values.get(key)
+        if v is None:
+            idx = self.events(name)
+            v = self._values[key] = self.data._column(dim) if idx is None else self.data.values_at(dim, idx)
+        return v
+
+    def coordinates(self, dim: str, name: str) -> np.ndarray:
+        """:meth:`values`, except that for the root and an untransformed, uncompensated channel it is
+        the event matrix's column itself (a strided view, converted to float64 by the reader)."""
+        data = self.data
+        if (self.events(name) is None and (dim, name) not in self._values and isinstance(data.transforms[dim], Identity)
+                and not data._compensated(dim) and dim not in data._raw):
+            return data.sample.events[:, data.channel_of[dim]]
+        return self.values(dim, name)
+
+    def add(self, name: str, parent: str, selected: np.ndarray, within_parent: bool) -> None:
+        """Record ``name``: ``selected`` flags the parent's events (``within_parent``) or every event."""
+        pidx = self.events(parent)
+        mask = next(self._rows)
+        if within_parent and pidx is not None:
+            if 3 * pidx.size > mask.size:  # (faster than pidx[selected], whose branches mispredict)
+                mask[pidx] = selected
+                self.index[name] = np.flatnonzero(mask)
+            else:
+                idx = self.index[name] = pidx[np.flatnonzero(selected)]
+                mask[idx] = True
+        else:
+            np.logical_and(selected, self.masks[parent], out=mask)
+        self.masks[name] = mask
 
 
 def gate_events(
@@ -284,27 +551,30 @@ def gate_events(
         A gate cannot be computed.
     """
     template = data.template
-    n = data.n_events
-    masks: dict[str, np.ndarray] = {ROOT: np.ones(n, dtype=bool)}
+    pops = _Populations(data, len(template.populations))
     gates: list[dict[str, Any]] = []
     findings: list[Finding] = list(data.findings)
-    cache: dict[tuple, float] = {}
+    cache: dict[tuple, Any] = {}
     needed = _closure(template, only) if only is not None else None
-    for pop in template.populations:
-        if needed is not None and pop.name not in needed:
-            continue
-        parent = masks[pop.parent]
-        mask, rows = _apply(pop.gate, pop.name, pop.parent, parent, masks, data, fmo or {}, cache, findings,
-                            fmo_available)
-        masks[pop.name] = mask & parent
-        for r in rows:
-            r.setdefault("population", pop.name)
-            r.setdefault("parent", pop.parent)
-        gates.extend(rows)
-        if not parent.any():
-            findings.append(Finding("EMPTY_PARENT", f"population {pop.name!r}: parent {pop.parent!r} has no events; "
-                                    "count 0 and percentages NaN"))
-    return GatingResult(masks, gates, findings)
+    with _single_thread_blas():
+        data.compensate_in_background()
+        for pop in template.populations:
+            if needed is not None and pop.name not in needed:
+                continue
+            selected, within, rows = _apply(pop.gate, pop.name, pop.parent, pops, fmo or {}, cache, findings,
+                                            fmo_available)
+            pops.add(pop.name, pop.parent, selected, within)
+            for r in rows:
+                r.setdefault("population", pop.name)
+                r.setdefault("parent", pop.parent)
+            gates.extend(rows)
+            pops.done(pop.name)
+            if pops.size(pop.parent) == 0:
+                findings.append(Finding("EMPTY_PARENT", f"population {pop.name!r}: parent {pop.parent!r} has no "
+                                        "events; count 0 and percentages NaN"))
+        data._wait()
+    index = {k: v for k, v in pops.index.items() if v is not None}
+    return GatingResult(pops.masks, gates, findings, index)
 
 
 def _closure(template: Template, only: set[str]) -> set[str]:
@@ -349,53 +619,55 @@ def _tdesc(data: EventData, dim: str) -> str:
     return f"{t.kind}({inner})" if inner else t.kind
 
 
-def _apply(gate: Gate, name: str, parent_name: str, parent: np.ndarray, masks: dict[str, np.ndarray],
-           data: EventData, fmo: Mapping[FmoKey, FmoValue], cache: dict, findings: list[Finding],
-           fmo_available: bool) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def _apply(gate: Gate, name: str, parent_name: str, pops: _Populations, fmo: Mapping[FmoKey, FmoValue],
+           cache: dict, findings: list[Finding], fmo_available: bool) -> tuple[np.ndarray, bool, list[dict[str, Any]]]:
+    """One gate: (selected, within_parent, gate rows); ``selected`` flags the parent's events
+    when ``within_parent``, else every event."""
+    data = pops.data
     if isinstance(gate, RangeGate):
-        m = np.ones(data.n_events, dtype=bool)
+        m = np.ones(pops.size(parent_name), dtype=bool)
         coords = {}
         for d, lo, hi in zip(gate.dims, gate.mins, gate.maxs):
-            v = data.values(d)
+            v = pops.values(d, parent_name)
             if lo is not None:
                 m &= v >= lo
             if hi is not None:
                 m &= v < hi
             coords[d] = [lo, hi]
-        return m, [_row("range", "fixed", gate.dims, data, coords)]
+        return m, True, [_row("range", "fixed", gate.dims, data, coords)]
     if isinstance(gate, ThresholdGate):
-        t, how, extra = _threshold(gate.threshold, parent_name, parent, data, fmo, cache, findings, name, fmo_available)
-        v = data.values(gate.threshold.marker)
+        t, how, extra = _threshold(gate.threshold, parent_name, pops, fmo, cache, findings, name, fmo_available)
+        v = pops.values(gate.threshold.marker, parent_name)
         m = v >= t if gate.side == "above" else v < t
         lo, hi = (t, None) if gate.side == "above" else (None, t)
-        return m, [_row("range", how, gate.dims, data, {gate.threshold.marker: [lo, hi]}, **extra)]
+        return m, True, [_row("range", how, gate.dims, data, {gate.threshold.marker: [lo, hi]}, **extra)]
     if isinstance(gate, QuadrantGate):
-        tx, how_x, ex = _threshold(gate.x, parent_name, parent, data, fmo, cache, findings, name, fmo_available)
-        ty, how_y, ey = _threshold(gate.y, parent_name, parent, data, fmo, cache, findings, name, fmo_available)
-        vx, vy = data.values(gate.x.marker), data.values(gate.y.marker)
+        tx, how_x, ex = _threshold(gate.x, parent_name, pops, fmo, cache, findings, name, fmo_available)
+        ty, how_y, ey = _threshold(gate.y, parent_name, pops, fmo, cache, findings, name, fmo_available)
+        vx, vy = pops.values(gate.x.marker, parent_name), pops.values(gate.y.marker, parent_name)
         mx = vx >= tx if gate.quadrant[0] == "+" else vx < tx
         my = vy >= ty if gate.quadrant[1] == "+" else vy < ty
         coords = {"x_divider": tx, "y_divider": ty, "quadrant": gate.quadrant}
         method = how_x if how_x == how_y else f"{how_x}/{how_y}"
         extra = {k: v for k, v in {**ex, **ey}.items() if v != ""}
-        return mx & my, [_row("quadrant", method, gate.dims, data, coords, **extra)]
+        return mx & my, True, [_row("quadrant", method, gate.dims, data, coords, **extra)]
     if isinstance(gate, PolygonGate):
-        from flowutils.gating import points_in_polygon
-
-        pts = np.column_stack([data.values(gate.x), data.values(gate.y)])
-        m = points_in_polygon(np.asarray(gate.vertices, dtype=np.float64), pts)
-        return m, [_row("polygon", "fixed", gate.dims, data, {"vertices": [list(v) for v in gate.vertices]})]
+        m = _points_in_polygon(gate.vertices, pops.values(gate.x, parent_name), pops.values(gate.y, parent_name))
+        return m, True, [_row("polygon", "fixed", gate.dims, data, {"vertices": [list(v) for v in gate.vertices]})]
     if isinstance(gate, EllipseGate):
-        return _ellipse_mask(data, gate.x, gate.y, np.asarray(gate.center), np.asarray(gate.covariance),
-                             gate.distance), [
-            _row("ellipse", "fixed", gate.dims, data, {"center": list(gate.center),
-                                                       "covariance": [list(r) for r in gate.covariance],
-                                                       "distance": gate.distance})]
+        m = _points_in_ellipse(pops.coordinates(gate.x, parent_name), pops.coordinates(gate.y, parent_name),
+                               np.asarray(gate.center), np.asarray(gate.covariance), gate.distance ** 2)
+        return m, True, [_row("ellipse", "fixed", gate.dims, data, {"center": list(gate.center),
+                                                                    "covariance": [list(r) for r in gate.covariance],
+                                                                    "distance": gate.distance})]
     if isinstance(gate, ScatterGate):
-        return _scatter_gmm(gate, parent, data, findings, name)
+        m, rows = _scatter_gmm(gate, parent_name, pops, findings, name)
+        return m, True, rows
     if isinstance(gate, SingletGate):
-        return _singlets(gate, parent, data, findings, name)
+        m, rows = _singlets(gate, parent_name, pops, findings, name)
+        return m, True, rows
     if isinstance(gate, BooleanGate):
+        masks = pops.masks
         ops = [(~masks[n] if neg else masks[n]) for n, neg in gate.operands]
         if gate.op == "and":
             m = np.logical_and.reduce(ops)
@@ -404,24 +676,65 @@ def _apply(gate: Gate, name: str, parent_name: str, parent: np.ndarray, masks: d
         else:
             m = ~masks[gate.operands[0][0]]
         expr = {gate.op: [("not " if neg else "") + n for n, neg in gate.operands]}
-        return m, [_row("boolean", "fixed", (), data, expr)]
+        return m, False, [_row("boolean", "fixed", (), data, expr)]
     raise GatingError(f"unsupported gate type {type(gate).__name__}")  # pragma: no cover
 
 
-def _ellipse_mask(data: EventData, x: str, y: str, center: np.ndarray, cov: np.ndarray, distance: float) -> np.ndarray:
-    from flowutils.gating import points_in_ellipsoid
+def _points_in_polygon(vertices: Any, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Winding-rule membership (:func:`flowutils.gating.points_in_polygon`, as FlowKit), point by point."""
+    from flowutils.gating import points_in_polygon
 
-    pts = np.column_stack([data.values(x), data.values(y)])
-    return points_in_ellipsoid(cov, center, distance ** 2, pts)
+    if x.size == 0:
+        return np.zeros(0, dtype=bool)
+    return points_in_polygon(np.asarray(vertices, dtype=np.float64), np.column_stack([x, y]))
+
+
+_ELLIPSE_BLOCK = 32768  # rows per block: the temporaries stay in the cache, not 48 MB per 1 M events
+
+
+def _points_in_ellipse(x: np.ndarray, y: np.ndarray, center: np.ndarray, cov: np.ndarray,
+                       distance_square: float) -> np.ndarray:
+    """``d^2 <= D^2`` with the arithmetic of :func:`flowutils.gating.points_in_ellipsoid` (FlowKit's).
+
+    The same operations in the same order on the same values (centre subtracted, one
+    ``np.dot`` with the inverse covariance, the two products summed), so every event lands
+    as there, boundary included; block by block, without the 2-D sum along a short axis.
+    ``x`` and ``y`` may be float32 (an event-matrix column): each block is made float64 first.
+    """
+    n = x.size
+    inv = np.linalg.inv(cov)
+    out = np.empty(n, dtype=bool)
+    size = max(2, min(n, _ELLIPSE_BLOCK))
+    pts = np.empty((size + 1, 2), dtype=np.float64)
+    rot = np.empty((size + 1, 2), dtype=np.float64)
+    d2 = np.empty(size + 1, dtype=np.float64)
+    tmp = np.empty(size + 1, dtype=np.float64)
+    with _single_thread_blas():  # no waiting for threads on a busy machine
+        i = 0
+        while i < n:
+            m = min(size, n - i)
+            if n - i - m == 1:
+                m += 1  # never a lone last row (see compensate_columns)
+            p, r, d, t = pts[:m], rot[:m], d2[:m], tmp[:m]
+            np.copyto(p[:, 0], x[i:i + m])
+            np.copyto(p[:, 1], y[i:i + m])
+            p -= center
+            np.dot(p, inv, out=r)
+            np.multiply(r[:, 0], p[:, 0], out=d)
+            np.multiply(r[:, 1], p[:, 1], out=t)
+            d += t
+            np.less_equal(d, distance_square, out=out[i:i + m])
+            i += m
+    return out
 
 
 # ---------------------------------------------------------------- thresholds
-def _threshold(th: Threshold, parent_name: str, parent: np.ndarray, data: EventData,
-               fmo: Mapping[FmoKey, FmoValue], cache: dict, findings: list[Finding], pop: str,
-               fmo_available: bool) -> tuple[float, str, dict[str, Any]]:
+def _threshold(th: Threshold, parent_name: str, pops: _Populations, fmo: Mapping[FmoKey, FmoValue], cache: dict,
+               findings: list[Finding], pop: str, fmo_available: bool) -> tuple[float, str, dict[str, Any]]:
     key = (th, parent_name)
     if key in cache:
         return cache[key]
+    data = pops.data
     method = th.method
     extra: dict[str, Any] = {}
     if method == "fmo":
@@ -443,7 +756,7 @@ def _threshold(th: Threshold, parent_name: str, parent: np.ndarray, data: EventD
     if method == "fixed":
         out = (float(th.value), "fixed", extra)
     else:
-        v = data.values(th.marker)[parent]
+        v = pops.values(th.marker, parent_name)
         extra["n_fit_events"] = int(v.size)
         if v.size < MIN_EVENTS_FOR_THRESHOLD:
             findings.append(Finding("TOO_FEW_EVENTS", f"population {pop!r}: only {v.size} events in "
@@ -477,17 +790,29 @@ def density_threshold(values: np.ndarray, *, offset: float = 3.0, bins: int = 25
     threshold at the lowest density between them (the valley). With one mode,
     it is taken as the negative population: the threshold is ``offset`` robust
     standard deviations above it (the SD estimated from events below the mode).
+
+    The range is the 0.5th to 99.5th percentile (``np.percentile``) and the histogram
+    ``np.histogram`` over it; both are read off one sorted copy of the values, with
+    numpy's arithmetic, so the threshold is the same to the last bit.
     """
     from scipy.ndimage import gaussian_filter1d
     from scipy.signal import find_peaks
 
-    v = values[np.isfinite(values)]
+    values = np.asarray(values)
+    finite = np.isfinite(values)
+    v = values.ravel() if finite.all() else values[finite]
     if v.size == 0:
         return float("nan")
-    lo, hi = np.percentile(v, [0.5, 99.5])
+    ordered = np.sort(v) if v.dtype == np.float64 else None
+    if ordered is not None:
+        lo, hi = percentile_of_sorted(ordered, (0.5, 99.5))
+    else:
+        lo, hi = np.percentile(v, [0.5, 99.5])
     if hi <= lo:
         return float(hi)
-    counts, edges = np.histogram(v, bins=bins, range=(lo, hi))
+    hist = histogram_of_sorted(ordered, bins, lo, hi) if ordered is not None else None
+    counts, edges = hist if hist is not None else np.histogram(v, bins=bins, range=(lo, hi))
+    del ordered
     dens = gaussian_filter1d(counts.astype(np.float64), sigma=bins / 100)
     centers = (edges[:-1] + edges[1:]) / 2
     peaks, _ = find_peaks(np.concatenate([[0.0], dens, [0.0]]), prominence=0.05 * dens.max(),
@@ -503,12 +828,117 @@ def density_threshold(values: np.ndarray, *, offset: float = 3.0, bins: int = 25
         deep_enough = depth <= max(2.0 * depth.min(), depth.min() + 0.02 * dens.max())
         return float(centers[valleys[int(np.flatnonzero(deep_enough)[0])]])
     mode = centers[peaks[0]] if len(peaks) else centers[int(np.argmax(dens))]
+    # in event order: a sum's rounding depends on the order of its terms
     below = v[v <= mode]
     if below.size < 5:
         sd = float(np.std(v))
     else:
         sd = float(np.sqrt(np.mean((below - mode) ** 2)))
     return float(mode + offset * sd)
+
+
+def percentile_of_sorted(ordered: np.ndarray, q: Any) -> np.ndarray:
+    """``np.percentile(a, q)`` (method ``'linear'``) from ``ordered = np.sort(a)``, float64 without NaN.
+
+    numpy's own steps (virtual index ``(n - 1) q``, clipping, ``_lerp``), so the result is
+    identical; a sort is faster than the partitions ``np.percentile`` makes.
+    """
+    quantiles = np.true_divide(np.asarray(q, dtype=np.float64), 100)
+    n = ordered.size
+    virtual = (n - 1) * quantiles
+    prev = np.floor(virtual)
+    nxt = prev + 1
+    above = virtual >= n - 1
+    prev[above] = -1
+    nxt[above] = -1
+    below = virtual < 0
+    prev[below] = 0
+    nxt[below] = 0
+    prev_i, next_i = prev.astype(np.intp), nxt.astype(np.intp)
+    gamma = np.asarray(virtual - prev_i, dtype=virtual.dtype)
+    a, b = ordered[prev_i], ordered[next_i]
+    diff = b - a
+    out = a + diff * gamma
+    np.subtract(b, diff * (1 - gamma), out=out, where=gamma >= 0.5)
+    return out
+
+
+def histogram_of_sorted(ordered: np.ndarray, bins: int, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """``np.histogram(a, bins, range=(lo, hi))`` from ``ordered = np.sort(a)`` (float64, finite).
+
+    numpy corrects each event's computed bin so that ``edges[i] <= x < edges[i + 1]`` (the
+    last bin closed); counting those by binary search on the sorted values gives the same
+    counts. None when the bins are so narrow (a few ulp) that the correction might not hold.
+    """
+    try:
+        edges = np.histogram_bin_edges(ordered[:0], bins=bins, range=(lo, hi))
+    except ValueError:  # bins narrower than the values' spacing: np.histogram says so itself
+        return None
+    widths = np.diff(edges)
+    if not np.all(widths > 64 * np.spacing(max(abs(float(lo)), abs(float(hi))))):
+        return None
+    left = np.searchsorted(ordered, edges, side="left")
+    counts = np.diff(left)
+    counts[-1] = np.searchsorted(ordered, edges[-1], side="right") - left[-2]
+    return counts, edges
+
+
+def median(values: np.ndarray) -> Any:
+    """``np.median`` of a 1-D array, from one sort (``np.median`` partitions more slowly); same value."""
+    if values.dtype != np.float64 or values.ndim != 1 or values.size == 0:
+        return np.median(values)
+    return _median_of_sorted(np.sort(values))
+
+
+def _median_of_sorted(ordered: np.ndarray) -> Any:
+    if np.isnan(ordered[-1]):
+        return np.float64(np.nan)
+    half = ordered.size // 2
+    if ordered.size % 2:
+        return ordered[half]
+    return np.add(ordered[half - 1], ordered[half]) / 2
+
+
+def median_and_mad(values: np.ndarray) -> tuple[float, float]:
+    """``m = float(np.median(v))`` and ``float(np.median(np.abs(v - m)))``, from one sort.
+
+    Over sorted values the deviations fall, then rise (subtraction is monotone), so their
+    median is an order statistic of two sorted runs, found by binary search.
+    """
+    if values.dtype != np.float64 or values.ndim != 1 or values.size == 0:
+        med = float(np.median(values))
+        return med, float(np.median(np.abs(values - med)))
+    ordered = np.sort(values)
+    med = float(_median_of_sorted(ordered))
+    if np.isnan(med):
+        return med, float("nan")
+    dev = np.abs(ordered - med)
+    split = int(np.searchsorted(ordered, med))
+    falling, rising = dev[:split][::-1], dev[split:]
+    n = dev.size
+    half = n // 2
+    if n % 2:
+        return med, float(_kth_of_two(falling, rising, half))
+    return med, float(np.add(_kth_of_two(falling, rising, half - 1), _kth_of_two(falling, rising, half)) / 2)
+
+
+def _kth_of_two(a: np.ndarray, b: np.ndarray, k: int) -> Any:
+    """The ``k``-th smallest (0-based) of the union of sorted ``a`` and ``b``."""
+    lo, hi = max(0, k + 1 - b.size), min(k + 1, a.size)  # i values taken from a
+    while lo < hi:
+        i = (lo + hi) // 2
+        j = k + 1 - i  # values taken from b
+        if j > 0 and i < a.size and b[j - 1] > a[i]:
+            lo = i + 1  # b's part is too large: take more from a
+        else:
+            hi = i
+    i = lo
+    j = k + 1 - i
+    if i == 0:
+        return b[j - 1]
+    if j == 0:
+        return a[i - 1]
+    return max(a[i - 1], b[j - 1])
 
 
 # ---------------------------------------------------------------- adaptive scatter gates
@@ -519,24 +949,41 @@ def _subsample(idx: np.ndarray, k: int) -> np.ndarray:
     return np.sort(rng.choice(idx, size=k, replace=False))
 
 
-def _scatter_gmm(gate: ScatterGate, parent: np.ndarray, data: EventData, findings: list[Finding],
+def _subsample_events(pidx: np.ndarray | None, n: int, k: int) -> np.ndarray:
+    """:func:`_subsample` of the parent's events; for the root, of ``np.arange(n)`` without building it."""
+    if pidx is not None:
+        return _subsample(pidx, k)
+    if n <= k:
+        return np.arange(n)
+    rng = np.random.default_rng(0)
+    # Generator.choice draws positions from the population size alone, so the draw is that of arange(n)
+    return np.sort(rng.choice(n, size=k, replace=False))
+
+
+def _sklearn_checks_off() -> Any:
+    """scikit-learn without re-validating our own (constant) parameters: same numbers, a little faster."""
+    import sklearn
+
+    return sklearn.config_context(skip_parameter_validation=True)
+
+
+def _scatter_gmm(gate: ScatterGate, parent_name: str, pops: _Populations, findings: list[Finding],
                  name: str) -> tuple[np.ndarray, list[dict[str, Any]]]:
     from scipy.stats import chi2
     from sklearn.mixture import GaussianMixture
 
-    idx = np.flatnonzero(parent)
-    if idx.size < gate.components * 10:
-        raise GatingError(f"population {name!r}: only {idx.size} events to fit the scatter gate",
+    data = pops.data
+    size = pops.size(parent_name)
+    if size < gate.components * 10:
+        raise GatingError(f"population {name!r}: only {size} events to fit the scatter gate",
                           path=data.sample.path, hint="check that the file holds cells")
-    sub = _subsample(idx, gate.max_events)
-    x, y = data.values(gate.x), data.values(gate.y)
-    pts = np.column_stack([x[sub], y[sub]])
+    sub = _subsample_events(pops.events(parent_name), data.n_events, gate.max_events)
+    pts = np.column_stack([data.values_at(gate.x, sub), data.values_at(gate.y, sub)])
     scale = np.maximum(np.percentile(np.abs(pts), 99, axis=0), 1e-9)
-    with _single_thread_blas():
+    with _single_thread_blas(), _sklearn_checks_off():
         gmm = GaussianMixture(n_components=gate.components, covariance_type="full", random_state=0, n_init=1,
                               reg_covar=1e-4).fit(pts / scale)
     means = gmm.means_ * scale
-    covs = gmm.covariances_ * np.outer(scale, scale)
     w = gmm.weights_
     if gate.select == "largest":
         k = int(np.argmax(w))
@@ -561,10 +1008,12 @@ def _scatter_gmm(gate: ScatterGate, parent: np.ndarray, data: EventData, finding
     sigma = sum(wi * (gmm.covariances_[j] + np.outer(d, d)) for wi, j, d in zip(mw, members, diffs))
     coverage = gate.quantile
     if coverage is None:
-        coverage = _auto_coverage(gmm, pts / scale, members, mu, sigma)
+        with _single_thread_blas(), _sklearn_checks_off():
+            coverage = _auto_coverage(gmm, pts / scale, members, mu, sigma)
     dist = float(np.sqrt(chi2.ppf(coverage, 2)))
     center, cov = mu * scale, sigma * np.outer(scale, scale)
-    m = _ellipse_mask(data, gate.x, gate.y, center, cov, dist)
+    m = _points_in_ellipse(pops.coordinates(gate.x, parent_name), pops.coordinates(gate.y, parent_name), center, cov,
+                           dist ** 2)
     coords = {"center": [float(c) for c in center], "covariance": [[float(a) for a in r] for r in cov],
               "distance": dist, "coverage": float(coverage), "component_weight": float(w[members].sum()),
               "merged_components": int(len(members)),
@@ -611,21 +1060,20 @@ def _mahalanobis2(pts: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndar
     return np.einsum("ij,jk,ik->i", diff, np.linalg.inv(cov), diff)
 
 
-def _singlets(gate: SingletGate, parent: np.ndarray, data: EventData, findings: list[Finding],
+def _singlets(gate: SingletGate, parent_name: str, pops: _Populations, findings: list[Finding],
               name: str) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    from flowutils.gating import points_in_polygon
-
-    h, a = data.values(gate.height), data.values(gate.area)
-    sel = parent & (h > 0)
-    if sel.sum() < MIN_EVENTS_FOR_THRESHOLD:
+    h, a = pops.values(gate.height, parent_name), pops.values(gate.area, parent_name)
+    positive = h > 0
+    n_fit = int(np.count_nonzero(positive))
+    if n_fit < MIN_EVENTS_FOR_THRESHOLD:
         raise GatingError(f"population {name!r}: too few events with positive {gate.height} to find singlets",
-                          path=data.sample.path)
-    r = a[sel] / h[sel]
-    med = float(np.median(r))
-    mad = float(1.4826 * np.median(np.abs(r - med)))
+                          path=pops.data.sample.path)
+    hp, ap = (h, a) if n_fit == h.size else (h[positive], a[positive])
+    med, mad = median_and_mad(ap / hp)
+    mad = float(1.4826 * mad)
     lo, hi = max(med - gate.mads * mad, 0.0), med + gate.mads * mad
-    hmax = float(2 * np.max(h[sel]))
+    hmax = float(2 * np.max(hp))
     vertices = [[0.0, 0.0], [hmax, lo * hmax], [hmax, hi * hmax]]
-    m = points_in_polygon(np.asarray(vertices), np.column_stack([h, a]))
+    m = _points_in_polygon(vertices, h, a)
     coords = {"vertices": vertices, "ratio_median": med, "ratio_low": lo, "ratio_high": hi}
-    return m, [_row("polygon", "ratio", gate.dims, data, coords, n_fit_events=int(sel.sum()))]
+    return m, [_row("polygon", "ratio", gate.dims, pops.data, coords, n_fit_events=n_fit)]

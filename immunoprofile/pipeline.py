@@ -15,7 +15,7 @@ import numpy as np
 from . import panel
 from .errors import Finding, MarkerError
 from .fcs import FcsSample, read_fcs
-from .gating import FmoKey, FmoValue, fmo_threshold, gate_events, prepare
+from .gating import FmoKey, FmoValue, fmo_threshold, gate_events, population_index, prepare
 from .stats import gate_rows, intensity_rows, population_rows
 from .templates import Template, ThresholdGate, QuadrantGate
 
@@ -124,7 +124,7 @@ def process_control(
     values: dict[FmoKey, FmoValue] = {}
     pct = _fmo_percentile(template, marker)
     for parent in parents:
-        v = data.values(marker)[result.masks[parent]]
+        v = data.values_at(marker, population_index(result, parent))
         values[(marker, parent)] = FmoValue(fmo_threshold(v, pct), sample_id, int(v.size))
         if v.size < 100:
             result.findings.append(Finding("FMO_FEW_EVENTS", f"FMO control has only {v.size} events in {parent!r}; "

@@ -2,6 +2,14 @@
 
 Column meanings are documented in README.md ("Output"). Percentages of an empty
 parent are NaN (never a division by zero); the gating step records a finding.
+
+Intensities need three quantiles of every marker in every population. Instead of one
+partition per population and marker, :class:`PopulationQuantiles` splits the events of
+all populations once into *atoms* (events with the same memberships), counts each
+marker's values per atom in a few thousand value buckets (one ``np.bincount``), finds
+for every population and quantile the bucket holding the wanted order statistic, and
+selects it among that bucket's few events. The values are exactly those of
+``np.percentile(..., method='inverted_cdf')`` (``tests/test_stats.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .gating import EventData, GatingResult
+from .gating import EventData, GatingResult, _single_thread_blas, population_index, worker_threads
 from .templates import ROOT, Template
 
 POPULATION_COLUMNS = [
@@ -58,7 +66,7 @@ def population_rows(
     ``cells_per_ul`` comes from the template's counting beads when present, else from a
     ``lymphocytes_per_ul`` sheet column (scaled by the ``lymphocytes`` population), else NaN.
     """
-    counts = {name: int(m.sum()) for name, m in result.masks.items()}
+    counts = {name: int(np.count_nonzero(m)) for name, m in result.masks.items()}
     counts.setdefault(ROOT, 0)
     scale = _absolute_scale(template, counts, meta)
     base = {k: meta.get(k, "") for k in POPULATION_COLUMNS[:9]}
@@ -107,30 +115,216 @@ def intensity_rows(
 
     Quantiles are taken as observations (numpy ``method='inverted_cdf'``): for an even
     count the median is the lower middle event, and the transformed median is exactly
-    the transform of the raw one.
+    the transform of the raw one. A quantile equal to zero is written as ``0.0``.
+
+    Raises
+    ------
+    KeyError
+        A marker is not one of ``data``'s dimensions.
     """
     template = data.template
     tcols = _template_cols(template)
+    names = [pop.name for pop in template.populations if pop.name in result.masks]
+    index = {name: population_index(result, name) for name in names}
+    columns = {mk: data.raw(mk) for mk in markers}
+    # below a single population under the root lies every other one
+    tops = [pop.name for pop in template.populations if pop.parent == ROOT]
+    universe = index[tops[0]] if len(tops) == 1 and tops[0] in index else None
+    quantiles = PopulationQuantiles(index, data.n_events, universe)
+    per_marker = {}
+    with _single_thread_blas():
+        threads = min(worker_threads(), len(markers))
+        if threads > 1:  # markers are independent; numpy releases the GIL in the passes over events
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(threads, thread_name_prefix="immunoprofile-quantiles") as pool:
+                raws = list(pool.map(lambda mk: quantiles.quantiles(columns[mk], _QS), markers))
+        else:
+            raws = [quantiles.quantiles(columns[mk], _QS) for mk in markers]
+        for mk, raw in zip(markers, raws):
+            transformed = data.transforms[mk].apply(raw.reshape(-1)).reshape(raw.shape)
+            per_marker[mk] = (raw, transformed)
     rows = []
-    for pop in template.populations:
-        mask = result.masks.get(pop.name)
-        if mask is None:
-            continue
-        n = int(mask.sum())
+    for i, name in enumerate(names):
+        n = int(index[name].size)
         for mk in markers:
             t = data.transforms[mk]
             if n:
-                qs = np.percentile(data.raw(mk)[mask], _QS, method="inverted_cdf")
-                med_r, rcv_r = _median_rcv(qs)
-                med_t, rcv_t = _median_rcv(t.apply(qs))
+                raw, transformed = per_marker[mk]
+                med_r, rcv_r = _median_rcv(raw[i])
+                med_t, rcv_t = _median_rcv(transformed[i])
             else:
                 med_r = rcv_r = med_t = rcv_t = math.nan
             rows.append({
-                "sample_id": sample_id, "population": pop.name, "marker": mk, "channel": data.channel(mk),
+                "sample_id": sample_id, "population": name, "marker": mk, "channel": data.channel(mk),
                 "count": n, "median_raw": med_r, "rcv_raw": rcv_r, "median_transformed": med_t,
                 "rcv_transformed": rcv_t, "transform": t.kind, **tcols,
             })
     return rows
+
+
+def inverted_cdf_ranks(n: int, q: Sequence[float]) -> np.ndarray:
+    """0-based ranks of the observations ``np.percentile(a, q, method='inverted_cdf')`` returns for ``a.size == n``.
+
+    numpy's own arithmetic: virtual index ``n q / 100 - 1``, rounded up unless whole, at least 0.
+    """
+    quantiles = np.true_divide(np.asarray(q, dtype=np.float64), 100)
+    virtual = n * quantiles - 1
+    prev = np.floor(virtual)
+    ranks = np.where(virtual - prev == 0, prev, prev + 1).astype(np.intp)
+    ranks[ranks < 0] = 0
+    return ranks
+
+
+# value buckets: the float32 exponent and top 7 mantissa bits of |x| (1/128 of an octave),
+# |x| < 1 in one bucket, |x| >= 2**24 in the last; negative values mirrored below
+_BUCKET_SHIFT = 16
+_BUCKET_ONE = 0x3F80  # float32 bits of 1.0 >> 16
+_BUCKET_TOP = 0x4B80 - _BUCKET_ONE  # 2**24
+_N_BUCKETS = 2 * _BUCKET_TOP + 1
+_SMALL = 2048  # populations up to this size: one partition of their own values
+
+
+def _buckets(values: np.ndarray) -> np.ndarray:
+    """Bucket number (int16) of each value, non-decreasing in the value, so ranks fall in order.
+
+    ``-0.0`` and ``+0.0`` share a bucket; NaN must be handled before.
+    """
+    mag = np.abs(values, out=np.empty(values.shape, dtype=np.float32), casting="unsafe").view(np.int32)
+    np.right_shift(mag, _BUCKET_SHIFT, out=mag)
+    mag -= _BUCKET_ONE
+    np.clip(mag, 0, _BUCKET_TOP, out=mag)
+    out = mag.astype(np.int16)
+    flip = -(values < 0).view(np.int8).astype(np.int16)  # -1 for negative values, else 0
+    out ^= flip
+    out -= flip  # two's complement: negated where flip is -1 (np.where is slower here)
+    out += _BUCKET_TOP
+    return out
+
+
+class PopulationQuantiles:
+    """Exact order statistics of one column within many (nested, overlapping) populations.
+
+    Parameters
+    ----------
+    index
+        Population name -> sorted event numbers.
+    n_events
+        Events in the sample.
+    universe
+        Sorted event numbers holding every population's events (e.g. the one population
+        below the root), if known: then only those events are looked at.
+    """
+
+    def __init__(self, index: Mapping[str, np.ndarray], n_events: int,
+                 universe: np.ndarray | None = None) -> None:
+        self.names = list(index)
+        self.index = index
+        self.sizes = [int(index[k].size) for k in self.names]
+        self.events, self.atom, self.members = _atoms([index[k] for k in self.names], n_events, universe)
+        self.weights = np.ascontiguousarray(self.members.T, dtype=np.float64)  # (populations, atoms)
+        self.joint_base = self.atom * _N_BUCKETS
+        self.n_atoms = self.members.shape[0]
+
+    def quantiles(self, column: np.ndarray, q: Sequence[float]) -> np.ndarray:
+        """``np.percentile(column[idx], q, method='inverted_cdf')`` for every population, stacked.
+
+        Rows follow the populations' order; an empty population's row is NaN. Zero is +0.0.
+        """
+        out = np.full((len(self.names), len(q)), np.nan)
+        values = column[self.events]
+        if np.isnan(values).any():  # numpy's NaN rule: any NaN makes every quantile NaN
+            for i, name in enumerate(self.names):
+                if self.sizes[i]:
+                    out[i] = np.percentile(column[self.index[name]], q, method="inverted_cdf")
+            return out + 0.0
+        targets: list[tuple[int, int, int]] = []  # (population, quantile, rank)
+        for i, name in enumerate(self.names):
+            n = self.sizes[i]
+            if n == 0:
+                continue
+            ranks = inverted_cdf_ranks(n, q)
+            if n <= _SMALL:
+                own = column[self.index[name]]
+                own.partition(ranks)
+                out[i] = own[ranks]
+            else:
+                targets.extend((i, j, int(r)) for j, r in enumerate(ranks))
+        if targets:
+            self._select(values, np.array(targets, dtype=np.intp), out)
+        return out + 0.0
+
+    def _select(self, values: np.ndarray, targets: np.ndarray, out: np.ndarray) -> None:
+        """Fill ``out[pop, j]`` with the ``rank``-th smallest value of the population, for each target row."""
+        bucket = _buckets(values)
+        first, last = int(bucket.min()), int(bucket.max())
+        hist = np.bincount(self.joint_base + bucket, minlength=self.n_atoms * _N_BUCKETS)
+        hist = hist.reshape(self.n_atoms, _N_BUCKETS)[:, first:last + 1]
+        pops, rows = np.unique(targets[:, 0], return_inverse=True)
+        cumulative = np.cumsum(self.weights[pops] @ hist.astype(np.float64), axis=1)[rows]
+        ranks = targets[:, 2]
+        # the bucket holding each wanted rank, and the rank within it
+        where = np.count_nonzero(cumulative <= ranks[:, None], axis=1)
+        before = np.where(where > 0, cumulative[np.arange(len(targets)), np.maximum(where - 1, 0)], 0)
+        within = ranks - before.astype(np.intp)
+        wanted = np.zeros(_N_BUCKETS, dtype=bool)
+        wanted[where + first] = True
+        cand = np.flatnonzero(np.take(wanted, bucket))
+        cand_bucket = bucket[cand]
+        order = np.argsort(cand_bucket, kind="stable")
+        cand = cand[order]
+        cand_bucket = cand_bucket[order]
+        cand_atom = self.atom[cand]
+        cand_values = values[cand]
+        bounds = np.searchsorted(cand_bucket, np.stack([where + first, where + first + 1]))
+        for (i, j, _), lo, hi, r in zip(targets.tolist(), bounds[0].tolist(), bounds[1].tolist(), within.tolist()):
+            pool = cand_values[lo:hi][self.members[cand_atom[lo:hi], i]]
+            pool.partition(r)
+            out[i, j] = pool[r]
+
+
+def _atoms(index: Sequence[np.ndarray], n_events: int,
+           universe: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Label events by their set of populations.
+
+    Returns the events in any population (sorted event numbers), each one's atom number,
+    and the (atoms, populations) membership table.
+    """
+    if universe is not None:  # positions within the universe, which holds every population
+        where = np.empty(n_events, dtype=np.intp)
+        where[universe] = np.arange(universe.size)
+        index = [where[idx] for idx in index]
+        n_events = universe.size
+    atom = np.zeros(n_events, dtype=np.intp)
+    members = np.zeros((1, 0), dtype=bool)
+    for start in range(0, len(index), 16):
+        chunk = index[start:start + 16]
+        width = len(chunk)
+        key = atom << width
+        for bit, idx in enumerate(chunk):
+            if idx.size == n_events:  # every event: no need to look them up
+                key += 1 << bit
+            else:
+                np.add.at(key, idx, 1 << bit)
+        span = members.shape[0] << width
+        if span <= 1 << 22:
+            present = np.flatnonzero(np.bincount(key, minlength=span))
+            lut = np.zeros(span, dtype=np.intp)
+            lut[present] = np.arange(present.size)
+            atom = lut[key]
+        else:
+            present, atom = np.unique(key, return_inverse=True)
+            atom = atom.astype(np.intp, copy=False)
+        del key
+        bits = (present[:, None] >> np.arange(width)) & 1
+        members = np.concatenate([members[present >> width], bits.astype(bool)], axis=1)
+    inside = members.any(axis=1)
+    if universe is not None and inside.all():
+        return universe, atom, members
+    events = np.flatnonzero(inside[atom])
+    if universe is not None:
+        return universe[events], atom[events], members
+    return events, atom[events], members
 
 
 def _median_rcv(q: np.ndarray) -> tuple[float, float]:

@@ -168,3 +168,32 @@ def test_intensities_equal_numpy_quantiles_of_compensated_values():
     assert r["median_raw"] == pytest.approx(med, rel=1e-9)
     assert r["rcv_raw"] == pytest.approx(100 * (hi - lo) / 2 / abs(med), rel=1e-9)
     assert r["median_transformed"] == pytest.approx(logicle([med])[0], abs=1e-9)
+
+
+def test_extra_markers_are_the_files_own_labels():
+    # --intensities all: every $PnS label, including ones the alias table does not know
+    ev = np.random.default_rng(0).normal(1000, 100, (200, 6)).astype(np.float32)
+    s = parse_fcs(fcs_bytes(ev, CH, ["", "", "", "CD3", "Live/Dead Aqua", "Zombie NIR 2"]), "labels.fcs")
+    t = tpl("  - name: all\n    gate: {type: range, dimensions: {FSC-A: [null, 1e9]}}\n")
+    data = prepare(s, t, extra_markers=("CD3", "Live/Dead Aqua", "Zombie NIR 2"))
+    assert [data.channel(m) for m in ("CD3", "Live/Dead Aqua", "Zombie NIR 2")] == ["FITC-A", "PE-A", "APC-A"]
+    assert np.array_equal(data.raw("Zombie NIR 2"), ev[:, 5].astype(np.float64))
+
+
+def test_gating_keeps_each_populations_event_numbers():
+    from immunoprofile.gating import population_index
+
+    s, _ = make_sample(n=5000, seed=9)
+    t = tpl("""  - name: big
+    gate: {type: range, dimensions: {FSC-A: [60000, null]}}
+  - name: CD3+
+    parent: big
+    gate: {type: threshold, marker: CD3, value: 0.55}
+  - name: not CD3
+    parent: big
+    gate: {type: boolean, not: CD3+}
+""")
+    res = gate_events(prepare(s, t))
+    for name in ("big", "CD3+", "not CD3"):
+        assert np.array_equal(population_index(res, name), np.flatnonzero(res.masks[name]))
+    assert res.masks["not CD3"].sum() + res.masks["CD3+"].sum() == res.masks["big"].sum()
