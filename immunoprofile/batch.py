@@ -1,61 +1,152 @@
-"""Many samples: choose templates, derive FMO thresholds, isolate failures, publish results.
+"""Many samples: choose templates, derive FMO thresholds, run in parallel, skip finished work, publish.
 
-One bad file never sinks the batch: its error is recorded in ``failures.csv``
-with a stable code and every other sample completes. The exit status is 0 when
-everything succeeded and 1 when some samples failed.
+A run (:func:`run_gate`) goes through these steps, each logged to ``run.log``:
+
+1. take the output folder's lock (a second run exits at once) and repair what an
+   interrupted run left (:func:`immunoprofile.report.recover`);
+2. hash every input file; a file whose size or mtime changes while it is read (still
+   being written) or that is younger than ``min_age`` is *deferred*, not failed;
+3. FMO controls, then stained samples (whose thresholds depend on them): each unit of
+   work is looked up in the cache (:mod:`immunoprofile.cache`) and otherwise sent to the
+   executor (this process, a process pool or a Dask cluster); results are sorted, so
+   they never depend on the order in which workers finish;
+4. files that changed during the run are deferred; too many failures abort the run;
+5. tables, ``run.log``, the database and ``manifest.json`` are written into a staging
+   folder that replaces the output folder in one atomic step.
+
+One bad file never sinks the batch: its error goes to ``failures.csv`` with a stable
+code and every other sample completes (exit status 1). See ``docs/batch.md``.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import logging
+import math
+import os
+import shutil
+import sqlite3
 import time
-import traceback
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from . import panel
-from .errors import (
-    EXIT_OK, EXIT_SAMPLES_FAILED, ImmunoprofileError, UsageError,
-)
+from . import __version__, panel, provenance
+from .cache import SampleCache, make_key, program_fingerprint
+from .errors import EXIT_OK, EXIT_SAMPLES_FAILED, AbortedError, ImmunoprofileError, SampleError, UsageError
+from .executor import make_executor
 from .gating import FmoKey, FmoValue
-from .pipeline import Options, SampleOutput, channel_hints, process_control, process_sample, template_marker_for
+from .lock import RunLock
+from .pipeline import Options, SampleOutput, channel_hints, template_marker_for
+from .progress import Progress
+from .provenance import DB_NAME, RUN_LOG, TABLES
 from .report import (
-    manifest_outputs, publish, run_context, staging_dir, tables_equal_frame, utc_now, write_csv, write_json,
-    write_parquet,
+    MANIFEST, publish, read_manifest, recover, sha256_file, staging_dir, tables_equal_frame, utc_now, work_area,
+    write_csv, write_json, write_parquet,
 )
 from .samplesheet import extra_columns
 from .stats import GATE_COLUMNS, INTENSITY_COLUMNS, POPULATION_COLUMNS
 from .templates import Template
+from .work import Task, TaskResult, failure_row
 
 log = logging.getLogger(__name__)
 
 FAILURE_COLUMNS = ["sample_id", "file", "stage", "code", "message"]
 FINDING_COLUMNS = ["sample_id", "code", "severity", "message"]
+#: error codes that may not happen again on the same inputs: never cached
+TRANSIENT_CODES = frozenset({"INTERNAL_ERROR", "WORKER_DIED", "FILE_MISSING", "FILE_UNREADABLE"})
+_OWN_NAMES = frozenset({*TABLES, RUN_LOG, MANIFEST, DB_NAME, f"{DB_NAME}-journal", f"{DB_NAME}-wal", f"{DB_NAME}-shm"})
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a run executes; none of these change results (so none is part of a cache key).
+
+    Attributes
+    ----------
+    jobs
+        Worker processes (1: everything in this process).
+    executor
+        ``'process'`` (local processes) or ``'dask'`` (an existing Dask cluster at ``scheduler``).
+    force
+        Ignore the cache: gate everything again.
+    db
+        Results database; None: ``OUT/immunoprofile.sqlite`` (published with the folder).
+    fail_fast
+        Abort at the first failed sample (nothing is published).
+    max_failed
+        Abort when more than this fraction of the samples fails (nothing is published).
+    min_age
+        Defer files modified less than this many seconds ago.
+    log_format
+        ``'text'`` or ``'json'`` lines in ``run.log``.
+    scheduler_timeout
+        Seconds to wait for the Dask scheduler to answer.
+    """
+
+    jobs: int = 1
+    executor: str = "process"
+    scheduler: str | None = None
+    force: bool = False
+    db: str | None = None
+    fail_fast: bool = False
+    max_failed: float | None = None
+    min_age: float = 0.0
+    log_format: str = "text"
+    scheduler_timeout: float = 30.0
 
 
 @dataclass
 class RunSummary:
-    """What a run did, for the one-line summary and the exit status."""
+    """What a run did, for the one-line summary and the exit status.
 
+    ``ok``, ``skipped``, ``failed`` and ``deferred`` are disjoint and count every row of the
+    sheet (FMO controls included) except controls for markers no template uses (``ignored``):
+    ``ok`` were gated by this run, ``skipped`` were unchanged (results reused from the cache).
+    """
+
+    run_id: str = ""
+    out_dir: str = ""
+    total: int = 0
     ok: int = 0
+    skipped: int = 0
     failed: int = 0
+    deferred: int = 0
+    ignored: int = 0
     controls: int = 0
     events: int = 0
     seconds: float = 0.0
     failures: list[dict[str, Any]] = field(default_factory=list)
+    deferrals: list[dict[str, Any]] = field(default_factory=list)
+    workers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
         return EXIT_SAMPLES_FAILED if self.failed else EXIT_OK
 
+    @property
+    def gated(self) -> int:
+        """Files actually gated by this run (ok, or failed while gating; not from the cache)."""
+        return self.ok + sum(1 for f in self.failures if not f.get("cached") and f.get("stage") != "template")
+
     def line(self) -> str:
         rate = self.events / self.seconds if self.seconds > 0 else 0.0
-        return (f"{self.ok} samples ok, {self.failed} failed, {self.controls} FMO controls; "
-                f"{self.events:,} events in {self.seconds:.1f} s ({rate / 1e6:.2f} M events/s)")
+        return (f"{self.total} samples: {self.ok} ok, {self.skipped} skipped (unchanged), {self.failed} failed, "
+                f"{self.deferred} deferred ({self.controls} FMO controls); {self.events:,} events gated in "
+                f"{self.seconds:.1f} s ({rate:,.0f} events/s)")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "samples": self.total, "ok": self.ok, "skipped": self.skipped,
+                "failed": self.failed, "deferred": self.deferred, "ignored": self.ignored,
+                "controls": self.controls, "events_gated": self.events, "wall_seconds": round(self.seconds, 3),
+                "events_per_second": round(self.events / self.seconds, 1) if self.seconds > 0 else 0.0}
 
 
 def assign_templates(samples: pd.DataFrame, templates: Sequence[Template]) -> list[Template | None]:
@@ -83,14 +174,38 @@ def assign_templates(samples: pd.DataFrame, templates: Sequence[Template]) -> li
     return [by_panel.get(p) for p in samples["panel"]]
 
 
-def _failure(row: pd.Series, stage: str, err: BaseException) -> dict[str, Any]:
-    if isinstance(err, ImmunoprofileError):
-        code, msg = err.code, str(err)
-    else:
-        code = "INTERNAL_ERROR"
-        msg = f"{row['file']}: unexpected {type(err).__name__}: {err} (a bug; rerun with --debug and report it)"
-        log.debug("traceback for %s:\n%s", row["sample_id"], traceback.format_exc())
-    return {"sample_id": row["sample_id"], "file": row["file"], "stage": stage, "code": code, "message": msg}
+@dataclass
+class _Item:
+    """One row of the sheet as the run sees it."""
+
+    index: int
+    row: dict[str, Any]
+    template: Any
+    kind: str  # 'control' | 'sample'
+    path: str
+    size: int | None = None
+    mtime_ns: int | None = None
+    sha256: str | None = None
+    status: str = ""  # ok | skipped | failed | deferred | ignored
+    key: str | None = None
+    output: SampleOutput | None = None
+    fmo_values: dict[FmoKey, FmoValue] | None = None
+    failure: dict[str, Any] | None = None
+    reason: str = ""
+    worker: str = ""
+    seconds: float = 0.0
+
+    @property
+    def sample_id(self) -> str:
+        return str(self.row["sample_id"])
+
+    @property
+    def file(self) -> str:
+        return str(self.row["file"])
+
+    @property
+    def group(self) -> tuple[str, str, str]:
+        return (self.template.name if self.template is not None else "", self.row["batch"], self.row["panel"])
 
 
 def run_gate(
@@ -101,149 +216,701 @@ def run_gate(
     *,
     fail_fast: bool = False,
     command_options: dict[str, Any] | None = None,
+    settings: RunSettings | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
 ) -> RunSummary:
-    """Gate every sample and publish the results folder.
+    """Gate every sample and publish the results folder (see the module docstring).
+
+    Parameters
+    ----------
+    samples
+        The sample table (:func:`immunoprofile.samplesheet.read_sheet`).
+    templates
+        One template, or one per panel.
+    out_dir
+        The results folder (replaced atomically).
+    options
+        Options that change results.
+    fail_fast
+        Same as ``settings.fail_fast``.
+    command_options
+        What the command line said, for ``manifest.json``.
+    settings
+        How to run (:class:`RunSettings`); default: in this process, with the cache.
+    on_progress
+        Called after each sample with the counts so far.
 
     Raises
     ------
     UsageError
-        Template selection is impossible (see :func:`assign_templates`).
+        Impossible template selection, bad settings, an output folder that holds other
+        files, an unreachable Dask scheduler (nothing processed).
+    AbortedError
+        Lock held, disk full, too many failures, ``fail_fast`` (the output folder unchanged).
+    KeyboardInterrupt
+        Interrupted (the output folder unchanged).
     """
+    settings = settings or RunSettings()
+    if fail_fast and not settings.fail_fast:
+        settings = RunSettings(**{**asdict(settings), "fail_fast": True})
+    _check_settings(settings)
     options = options or Options()
-    out = Path(out_dir)
-    started = utc_now()
-    t0 = time.perf_counter()
-    summary = RunSummary()
+    shown = Path(out_dir)
+    out = Path(os.path.abspath(shown))
+    if out.exists():
+        out = out.resolve()
+    _check_out_dir(out, shown)
     chosen = assign_templates(samples, templates)
-    extras = tuple(extra_columns(samples))
-    outputs: list[SampleOutput] = []
-    failures: list[dict[str, Any]] = []
-    is_control = samples["control"] != ""
+    executor = make_executor(settings.executor, settings.jobs, settings.scheduler, settings.scheduler_timeout)
+    lock = RunLock(work_area(out) / "lock", what=str(shown))
+    try:
+        lock.acquire()
+        run = _Run(samples, list(templates), chosen, out, shown, options, settings, command_options or {},
+                   executor, on_progress)
+        return run.execute()
+    finally:
+        executor.close()
+        lock.release()
 
-    # 1. FMO controls, per (template, batch, panel)
-    fmo: dict[tuple[str, str, str], dict[FmoKey, FmoValue]] = {}
-    fmo_panels: set[tuple[str, str]] = set()
-    for i in [i for i in range(len(samples)) if is_control.iloc[i]]:
-        row, tpl = samples.iloc[i], chosen[i]
-        if tpl is None:
-            failures.append(_failure(row, "template", _panel_error(row, templates)))
-            continue
-        fmo_panels.add((tpl.name, row["panel"]))
-        if template_marker_for(tpl, row["control"]) is None:
-            log.info("%s: %s is not used by template %s; skipped", row["sample_id"], row["control"], tpl.name)
-            continue
+
+def _check_settings(s: RunSettings) -> None:
+    if s.max_failed is not None and not (0.0 <= s.max_failed <= 1.0) or (
+            s.max_failed is not None and math.isnan(s.max_failed)):
+        raise UsageError(f"--max-failed must be a fraction between 0 and 1 (e.g. 0.2), got {s.max_failed}")
+    if s.min_age < 0 or math.isnan(s.min_age):
+        raise UsageError(f"--min-age must be 0 or more seconds, got {s.min_age}")
+    if s.log_format not in ("text", "json"):
+        raise UsageError(f"unknown log format {s.log_format!r}; choose text or json")
+
+
+def _check_out_dir(out: Path, shown: Path) -> None:
+    """Refuse to replace a folder that is not ours (it would be deleted)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError("exists and is not a folder", path=str(shown), hint="choose a folder for --out")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        doc = read_manifest(out)
+    except ImmunoprofileError:
+        doc = {}
+    if doc.get("program") != "immunoprofile gate":
+        raise UsageError("the output folder holds other files and is not a results folder of `immunoprofile gate`; "
+                         "it would be replaced", path=str(shown),
+                         hint="choose a new or empty folder for --out (results folders are replaced as a whole)")
+
+
+def _new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+
+
+def _options_sha(options: Options) -> str:
+    return hashlib.sha256(json.dumps(asdict(options), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _is_disk_error(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class _Run:
+    """The state of one run (see :func:`run_gate`)."""
+
+    def __init__(self, samples: pd.DataFrame, templates: list[Template], chosen: list[Template | None], out: Path,
+                 shown: Path, options: Options, settings: RunSettings, command_options: dict[str, Any],
+                 executor: Any, on_progress: Callable[[Progress], None] | None) -> None:
+        self.samples, self.templates, self.out, self.shown = samples, templates, out, shown
+        self.options, self.settings, self.command_options = options, settings, command_options
+        self.executor, self.on_progress = executor, on_progress
+        self.run_id = _new_run_id()
+        self.started = utc_now()
+        self.t0 = time.perf_counter()
+        self.extras = tuple(extra_columns(samples))
+        self.options_sha = _options_sha(options)
+        self.fingerprint = program_fingerprint()
+        self.summary = RunSummary(run_id=self.run_id, out_dir=str(shown))
+        self.cache = SampleCache(work_area(out) / "cache", enabled=not settings.force)
+        self.items = [_Item(i, row, chosen[i], "control" if row["control"] else "sample",
+                            os.path.abspath(str(row["path"])))
+                      for i, row in enumerate(samples.to_dict("records"))]
+        self.template_inputs = {id(t): _template_inputs(t) for t in templates}
+        self.fmo: dict[tuple[str, str, str], dict[FmoKey, FmoValue]] = {}
+        self.fmo_panels: set[tuple[str, str]] = set()
+        self.hints_memo: dict[tuple[str, str], dict[str, str] | None] = {}
+        self.stage: Path | None = None
+        self.log_handler: logging.Handler | None = None
+        self.db_path: Path | None = None
+        self.db_external = False
+        self.phases: dict[str, float] = {}
+        self._hash_futures: dict[int, Any] = {}
+
+    # ------------------------------------------------------------------------------ orchestration
+    def execute(self) -> RunSummary:
+        logger = logging.getLogger("immunoprofile")
+        saved_level = logger.level
         try:
-            hints = _hints_for(samples, chosen, row, tpl, options)
-            values, so = process_control(row["sample_id"], row["path"], row["control"], tpl, options, hints)
-        except Exception as e:  # noqa: BLE001 - isolate any failure to this control
-            failures.append(_failure(row, "fmo", e))
-            if fail_fast:
-                break
-            continue
-        fmo.setdefault((tpl.name, row["batch"], row["panel"]), {}).update(values)
-        outputs.append(so)
-        summary.controls += 1
-        summary.events += so.n_events
+            try:
+                repaired = recover(self.out)
+                self.cache.clean_temporary()
+                self.stage = staging_dir(self.out, self.run_id)
+                logger.setLevel(logging.DEBUG)
+                self._open_log()
+                for msg in repaired:
+                    log.warning("%s", msg)
+                self._header()
+                self._open_database()
+                self._start_hashing()
+                if self._expect_work():
+                    getattr(self.executor, "warm_up", lambda: None)()
+                self._apply_deferrals("control")
+                self._timed("controls", self._phase_controls)
+                self._apply_deferrals("sample")
+                self._timed("samples", self._phase_samples)
+                self._final_checks()
+                self._check_abort(final=True)
+                self._finish()
+            except OSError as e:
+                raise _write_error(e, self.stage or self.out) from e
+        except BaseException as e:
+            self._abandon(e)
+            raise
+        finally:
+            logger.setLevel(saved_level)
+            self._close_log()
+        return self.summary
 
-    # 2. stained samples
-    for i in [i for i in range(len(samples)) if not is_control.iloc[i]]:
-        if fail_fast and failures:
-            break
-        row, tpl = samples.iloc[i], chosen[i]
-        if tpl is None:
-            failures.append(_failure(row, "template", _panel_error(row, templates)))
-            continue
-        meta = {k: row[k] for k in samples.columns if k != "path"}
+    def _expect_work(self) -> bool:
+        """Whether much gating is likely (``--force``, or fewer cache entries than samples): then the
+        worker processes are started at once, while the files are hashed."""
+        if not self.cache.enabled:
+            return True
+        n = 0
+        if self.cache.folder.is_dir():
+            for n, _ in enumerate(self.cache.folder.glob("*/*.pkl"), start=1):
+                if n >= len(self.items):
+                    return False
+        return n < len(self.items)
+
+    def _timed(self, phase: str, fn: Callable[[], None]) -> None:
+        t0 = time.perf_counter()
+        fn()
+        self.phases[phase] = round(time.perf_counter() - t0, 3)
+
+    def _header(self) -> None:
+        s = self.settings
+        log.info("run %s: %d samples -> %s", self.run_id, len(self.items), self.shown)
+        log.info("immunoprofile %s (program fingerprint %s)", __version__, self.fingerprint[:16])
+        where = f"scheduler {s.scheduler}" if self.executor.name == "dask" else f"jobs {s.jobs}"
+        log.info("executor %s, %s, cache %s%s", self.executor.name, where, self.cache.folder,
+                 " (ignored: --force)" if s.force else "")
+        for t in self.templates:
+            log.info("template %s %s (sha256 %s) from %s", t.name, t.version, t.sha256[:16], t.source)
+
+    def _progress(self, current: str = "") -> None:
+        if self.on_progress is None:
+            return
+        sm = self.summary
+        done = sm.ok + sm.skipped + sm.failed + sm.deferred + sm.ignored
         try:
-            so = process_sample(row["sample_id"], row["path"], meta, tpl, options,
-                                fmo=fmo.get((tpl.name, row["batch"], row["panel"]), {}),
-                                fmo_available=(tpl.name, row["panel"]) in fmo_panels, extra_columns=extras)
-        except Exception as e:  # noqa: BLE001 - one bad sample never sinks the batch
-            failures.append(_failure(row, "gate", e))
-            log.warning("%s", failures[-1]["message"])
-            continue
-        outputs.append(so)
-        summary.ok += 1
-        summary.events += so.n_events
-        log.info("%s: %d events gated", row["sample_id"], so.n_events)
+            self.on_progress(Progress(done, len(self.items), sm.ok, sm.skipped, sm.failed, sm.deferred, current))
+        except Exception:  # noqa: BLE001 - a display problem never stops a run
+            log.debug("progress callback failed", exc_info=True)
 
-    summary.failed = len(failures)
-    summary.failures = failures
-    summary.seconds = time.perf_counter() - t0
-    _publish(out, samples, templates, outputs, failures, options, started, summary, command_options or {}, extras)
-    return summary
+    # ------------------------------------------------------------------------------ logging
+    def _open_log(self) -> None:
+        assert self.stage is not None
+        h = logging.FileHandler(self.stage / RUN_LOG, encoding="utf-8")
+        h.setLevel(logging.DEBUG)
+        if self.settings.log_format == "json":
+            from .logjson import JsonFormatter
+
+            h.setFormatter(JsonFormatter())
+        else:
+            fmt = logging.Formatter("%(asctime)s.%(msecs)03dZ %(levelname)-7s %(name)s: %(message)s",
+                                    datefmt="%Y-%m-%dT%H:%M:%S")
+            fmt.converter = time.gmtime
+            h.setFormatter(fmt)
+        logging.getLogger("immunoprofile").addHandler(h)
+        self.log_handler = h
+
+    def _close_log(self) -> None:
+        h = self.log_handler
+        if h is None:
+            return
+        logging.getLogger("immunoprofile").removeHandler(h)
+        try:
+            h.flush()
+            if h.stream is not None:
+                os.fsync(h.stream.fileno())
+        except (OSError, ValueError):
+            pass
+        h.close()
+        self.log_handler = None
+
+    def _emit_worker_logs(self, res: TaskResult) -> None:
+        for level, name, message, created in res.logs:
+            rec = logging.makeLogRecord({"name": name, "levelno": level, "levelname": logging.getLevelName(level),
+                                         "msg": message, "args": None, "created": created,
+                                         "msecs": (created - int(created)) * 1000, "worker": res.worker})
+            logging.getLogger(name).handle(rec)
+
+    # ------------------------------------------------------------------------------ database
+    def _open_database(self) -> None:
+        from . import store
+
+        assert self.stage is not None
+        default = self.out / DB_NAME
+        given = Path(os.path.abspath(self.settings.db)) if self.settings.db else None
+        if given is None or given == default:
+            self.db_path = self.stage / DB_NAME
+            if default.is_file():
+                store.copy_database(default, self.db_path)
+        else:
+            self.db_path, self.db_external = given, True
+        try:
+            store.connect(self.db_path).close()
+        except sqlite3.Error as e:
+            raise AbortedError(f"cannot open the results database ({e})", path=str(self.db_path),
+                               code="DATABASE_WRITE_FAILED") from e
+        log.info("results database: %s%s", self.db_path if self.db_external else self.out / DB_NAME,
+                 " (shared)" if self.db_external else "")
+
+    # ------------------------------------------------------------------------------ inputs
+    def _start_hashing(self) -> None:
+        """Hash every file once, in background threads: FMO controls first, then stained samples.
+
+        The stained samples are hashed while the controls are gated; :meth:`_hashed` waits for
+        one file, :meth:`_apply_deferrals` for a group of them.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._hash_pool = ThreadPoolExecutor(max_workers=max(1, min(4, self.settings.jobs)),
+                                             thread_name_prefix="immunoprofile-hash")
+        order = sorted(self.items, key=lambda it: it.kind != "control")
+        self._hash_futures = {it.index: self._hash_pool.submit(self._hash_item, it) for it in order}
+        self._hash_pool.shutdown(wait=False)
+
+    def _hashed(self, it: _Item) -> _Item:
+        self._hash_futures[it.index].result()
+        return it
+
+    def _apply_deferrals(self, kind: str) -> None:
+        """Wait for the hashes of ``kind``'s files; defer those that change or are too young."""
+        t0 = time.perf_counter()
+        items = [self._hashed(it) for it in self.items if it.kind == kind]
+        for it in items:
+            if it.reason:
+                self._defer(it, it.reason)
+        size = sum(it.size or 0 for it in items)
+        log.info("hashed %d %s (%.0f MB; waited %.2f s)", len(items),
+                 "FMO control files" if kind == "control" else "sample files", size / 1e6, time.perf_counter() - t0)
+
+    def _hash_item(self, it: _Item) -> None:
+        try:
+            st0 = os.stat(it.path)
+        except OSError:
+            return  # the worker reports the missing file with the reader's message
+        if not os.path.isfile(it.path):
+            return
+        it.size, it.mtime_ns = st0.st_size, st0.st_mtime_ns
+        age = time.time() - st0.st_mtime
+        if self.settings.min_age and age < self.settings.min_age:
+            it.reason = f"modified {age:.0f} s ago, less than --min-age {self.settings.min_age:g} s"
+            return
+        try:
+            sha = sha256_file(it.path)
+            st1 = os.stat(it.path)
+        except OSError:
+            return
+        if (st1.st_size, st1.st_mtime_ns) != (st0.st_size, st0.st_mtime_ns):
+            it.reason = "the file changed while it was read (still being written?)"
+            return
+        it.sha256 = sha
+
+    def _defer(self, it: _Item, reason: str) -> None:
+        if it.status == "deferred":
+            return
+        self._uncount(it)
+        it.status, it.reason, it.output, it.failure = "deferred", reason, None, None
+        self.summary.deferred += 1
+        self.summary.deferrals.append({"sample_id": it.sample_id, "file": it.file, "reason": reason})
+        log.warning("%s: deferred: %s", it.file, reason)
+        self._progress(it.sample_id)
+
+    def _uncount(self, it: _Item) -> None:
+        sm = self.summary
+        if it.status == "ok":
+            sm.ok -= 1
+            sm.events -= it.output.n_events if it.output else 0
+        elif it.status == "skipped":
+            sm.skipped -= 1
+        elif it.status == "failed":
+            sm.failed -= 1
+            sm.failures = [f for f in sm.failures if f["sample_id"] != it.sample_id]
+        if it.status in ("ok", "skipped") and it.kind == "control":
+            sm.controls -= 1
+
+    # ------------------------------------------------------------------------------ phase 1: FMO controls
+    def _phase_controls(self) -> None:
+        self._prefetch_hints()
+        tasks: list[Task] = []
+        for it in self.items:
+            if it.kind != "control":
+                continue
+            tpl = it.template
+            if tpl is not None:
+                self.fmo_panels.add((tpl.name, it.row["panel"]))  # the run has FMOs for this panel (even if deferred)
+            if it.status == "deferred":
+                continue
+            if tpl is None:
+                self._fail(it, failure_row(it.sample_id, it.file, "template", _panel_error(it.row, self.templates)))
+                continue
+            if template_marker_for(tpl, it.row["control"]) is None:
+                it.status = "ignored"
+                self.summary.ignored += 1
+                log.info("%s: %s is not used by template %s; skipped", it.sample_id, it.row["control"], tpl.name)
+                continue
+            hints = self._hints_for(it)
+            task = Task(it.index, "control", it.sample_id, it.path, it.file, tpl, self.options,
+                        control=it.row["control"], hints=hints)
+            if it.sha256 is not None:
+                it.key = make_key("control", {
+                    "file_sha256": it.sha256, "path": it.path, "sample_id": it.sample_id,
+                    "control": it.row["control"], "template": self._template_key(tpl), "options": self.options_sha,
+                    "hints": sorted((hints or {}).items())})
+                if self._from_cache(it):
+                    continue
+            tasks.append(task)
+        self._check_abort()
+        self._consume(tasks)
+        for it in self.items:  # in sheet order, as the thresholds of one batch are merged
+            if it.kind == "control" and it.status in ("ok", "skipped") and it.fmo_values is not None:
+                self.fmo.setdefault(it.group, {}).update(it.fmo_values)
+
+    def _hints_for(self, control: _Item) -> dict[str, str]:
+        """Channel names of the FMO markers, from the first stained sample of the same batch that has them."""
+        want = panel.canonical(control.row["control"].split(":", 1)[1])
+        for other in self.items:
+            if (other.kind != "sample" or other.template is not control.template
+                    or other.row["batch"] != control.row["batch"] or other.row["panel"] != control.row["panel"]):
+                continue
+            if self._hashed(other).reason or other.sha256 is None:  # still being written, or unreadable
+                continue
+            hints = self._hints_of(other)
+            if hints is not None and any(panel.canonical(m) == want for m in hints):
+                return hints
+        return {}
+
+    def _hints_key(self, it: _Item) -> str:
+        return make_key("hints", {"file_sha256": it.sha256, "template": self._template_key(it.template),
+                                  "dataset": self.options.dataset})
+
+    def _hints_of(self, it: _Item) -> dict[str, str] | None:
+        """Channel hints of one stained file: remembered, cached, or read here."""
+        from .fcs import read_fcs
+
+        assert it.sha256 is not None
+        memo = (it.sha256, it.template.sha256)
+        if memo in self.hints_memo:
+            return self.hints_memo[memo]
+        key = self._hints_key(it)
+        cached = self.cache.get(key)
+        if cached is not None:
+            hints = cached["hints"]
+        else:
+            try:
+                hints = channel_hints(read_fcs(it.path, dataset=self.options.dataset), it.template)
+            except ImmunoprofileError:
+                hints = None
+            self.cache.put(key, {"hints": hints})
+        self.hints_memo[memo] = hints
+        return hints
+
+    def _prefetch_hints(self) -> None:
+        """Read the first stained file of each batch with FMO controls in the workers, all at once."""
+        wanted: dict[tuple[str, str], _Item] = {}
+        for c in self.items:
+            if c.kind != "control" or c.template is None or c.status:
+                continue
+            for other in self.items:
+                if (other.kind == "sample" and other.template is c.template and other.row["batch"] == c.row["batch"]
+                        and other.row["panel"] == c.row["panel"] and not self._hashed(other).reason
+                        and other.sha256 is not None):
+                    memo = (other.sha256, other.template.sha256)
+                    if memo not in self.hints_memo and memo not in wanted:
+                        cached = self.cache.get(self._hints_key(other))
+                        if cached is not None:
+                            self.hints_memo[memo] = cached["hints"]
+                        else:
+                            wanted[memo] = other
+                    break
+        if len(wanted) < 2:
+            return  # not worth a round trip: read here if needed
+        tasks = [Task(it.index, "hints", it.sample_id, it.path, it.file, it.template, self.options,
+                      file_sha256=it.sha256) for it in wanted.values()]
+        by_index = {it.index: (memo, it) for memo, it in wanted.items()}
+        for res in self.executor.run(tasks):
+            self._check_worker(res)
+            memo, it = by_index[res.index]
+            if res.error is None and res.hints is not None:  # else read here, where errors are handled
+                self.hints_memo[memo] = res.hints
+                self.cache.put(self._hints_key(it), {"hints": res.hints})
+
+    def _template_key(self, tpl: Any) -> dict[str, Any]:
+        return {"sha256": tpl.sha256, "files": self.template_inputs.get(id(tpl), [])}
+
+    # ------------------------------------------------------------------------------ phase 2: stained samples
+    def _phase_samples(self) -> None:
+        deferred_groups = {it.group for it in self.items if it.kind == "control" and it.status == "deferred"}
+        tasks: list[Task] = []
+        for it in self.items:
+            if it.kind != "sample" or it.status:
+                continue
+            tpl = it.template
+            if tpl is None:
+                self._fail(it, failure_row(it.sample_id, it.file, "template", _panel_error(it.row, self.templates)))
+                continue
+            if it.group in deferred_groups:
+                self._defer(it, f"an FMO control of batch {it.row['batch']!r} is deferred")
+                continue
+            meta = {k: v for k, v in it.row.items() if k != "path"}
+            fmo = self.fmo.get(it.group, {})
+            available = (tpl.name, it.row["panel"]) in self.fmo_panels
+            task = Task(it.index, "sample", it.sample_id, it.path, it.file, tpl, self.options, meta=meta, fmo=fmo,
+                        fmo_available=available, extra_columns=self.extras)
+            if it.sha256 is not None:
+                it.key = make_key("sample", {
+                    "file_sha256": it.sha256, "path": it.path, "meta": sorted(meta.items()),
+                    "extra_columns": list(self.extras), "template": self._template_key(tpl),
+                    "options": self.options_sha, "fmo_available": available,
+                    "fmo": sorted([k[0], k[1], repr(float(v.value)), v.sample_id, int(v.n_events)]
+                                  for k, v in fmo.items())})
+                if self._from_cache(it):
+                    continue
+            tasks.append(task)
+        self._check_abort()
+        self._consume(tasks)
+
+    # ------------------------------------------------------------------------------ results
+    def _from_cache(self, it: _Item) -> bool:
+        assert it.key is not None
+        hit = self.cache.get(it.key)
+        if hit is None:
+            return False
+        if hit.get("error"):
+            self._fail(it, {**hit["error"], "cached": True})
+            return True
+        it.output, it.fmo_values = hit["output"], hit.get("fmo_values")
+        it.status = "skipped"
+        self.summary.skipped += 1
+        if it.kind == "control":
+            self.summary.controls += 1
+        log.debug("%s: unchanged, results reused (cache key %s)", it.sample_id, it.key[:16])
+        self._progress(it.sample_id)
+        return True
+
+    def _consume(self, tasks: list[Task]) -> None:
+        if not tasks:
+            return
+        log.info("gating %d %s with %s", len(tasks), "FMO controls" if tasks[0].kind == "control" else "samples",
+                 self.executor.name)
+        for res in self.executor.run(tasks):
+            it = self.items[res.index]
+            self._check_worker(res)
+            it.worker, it.seconds = res.worker, res.seconds
+            w = self.summary.workers.setdefault(res.worker or "?", {"tasks": 0, "peak_rss": 0, "seconds": 0.0})
+            w["tasks"] += 1
+            w["peak_rss"] = max(w["peak_rss"], res.peak_rss)
+            w["seconds"] += res.seconds
+            if res.error is not None:
+                if it.key is not None and res.error["code"] not in TRANSIENT_CODES:
+                    self.cache.put(it.key, {"error": {k: v for k, v in res.error.items() if k != "traceback"}})
+                self._fail(it, res.error)
+            elif it.sha256 is not None and res.output.file_sha256 != it.sha256:
+                self._defer(it, "the file changed during the run (still being written?)")
+            else:
+                it.output, it.fmo_values, it.status = res.output, res.fmo_values, "ok"
+                self.summary.ok += 1
+                self.summary.events += res.output.n_events
+                if it.kind == "control":
+                    self.summary.controls += 1
+                if it.key is not None:
+                    self.cache.put(it.key, {"output": res.output, "fmo_values": res.fmo_values})
+                log.info("%s: %d events gated in %.2f s (%s)", it.sample_id, res.output.n_events, res.seconds,
+                         res.worker)
+                self._progress(it.sample_id)
+            self._check_abort()
+
+    def _check_worker(self, res: TaskResult) -> None:
+        self._emit_worker_logs(res)
+        if res.fingerprint and res.fingerprint != self.fingerprint:
+            raise AbortedError(f"worker {res.worker} runs another immunoprofile (program fingerprint "
+                               f"{res.fingerprint[:16]}, this client {self.fingerprint[:16]})",
+                               code="WORKER_VERSION_MISMATCH",
+                               hint="install the same immunoprofile version on the cluster's workers")
+
+    def _fail(self, it: _Item, failure: dict[str, Any]) -> None:
+        it.status, it.failure = "failed", failure
+        self.summary.failed += 1
+        self.summary.failures.append(failure)
+        log.warning("%s [%s]%s", failure["message"], failure["code"], " (unchanged since the last run)"
+                    if failure.get("cached") else "")
+        if failure.get("traceback"):
+            log.debug("traceback for %s:\n%s", it.sample_id, failure["traceback"])
+        self._progress(it.sample_id)
+
+    def _check_abort(self, final: bool = False) -> None:
+        sm = self.summary
+        if not sm.failed:
+            return
+        if self.settings.fail_fast:
+            f = sm.failures[0]
+            raise AbortedError(f"stopped at the first failed sample (--fail-fast): {f['message']} [{f['code']}]",
+                               code="FAIL_FAST")
+        if self.settings.max_failed is None:
+            return
+        considered = sum(1 for it in self.items if it.status not in ("deferred", "ignored"))
+        if sm.failed > self.settings.max_failed * considered:
+            codes = sorted({f["code"] for f in sm.failures})
+            raise AbortedError(f"{sm.failed} of {considered} samples failed{'' if final else ' so far'}, more than "
+                               f"--max-failed {self.settings.max_failed:g} (codes: {', '.join(codes)})",
+                               code="TOO_MANY_FAILURES",
+                               hint="check the template and the sample sheet; see failures in the log")
+
+    def _final_checks(self) -> None:
+        """Defer files whose size or mtime changed since they were hashed (and what depends on them)."""
+        changed_groups = set()
+        for it in self.items:
+            if it.size is None or it.status in ("deferred", "ignored"):
+                continue
+            try:
+                st = os.stat(it.path)
+                now = (st.st_size, st.st_mtime_ns)
+            except OSError:
+                now = None
+            if now != (it.size, it.mtime_ns):
+                self._defer(it, "the file changed during the run (still being written?)")
+                if it.kind == "control":
+                    changed_groups.add(it.group)
+        for it in self.items:
+            if it.kind == "sample" and it.group in changed_groups and it.status in ("ok", "skipped", "failed"):
+                self._defer(it, f"an FMO control of batch {it.row['batch']!r} changed during the run")
+
+    # ------------------------------------------------------------------------------ publication
+    def _finish(self) -> None:
+        assert self.stage is not None
+        stage = self.stage
+        # rows of one sample stay together and in order; samples are sorted by sample_id (unique)
+        outputs = [it.output for it in self.items if it.status in ("ok", "skipped") and it.output is not None]
+        failures = [{k: it.failure[k] for k in FAILURE_COLUMNS} for it in self.items
+                    if it.status == "failed" and it.failure is not None]
+        self.summary.total = len(self.items) - self.summary.ignored
+        keep = self._foreign_entries()
+        if keep:
+            log.warning("carrying %d file(s) not written by immunoprofile into the new results: %s", len(keep),
+                        ", ".join(keep[:5]))
+        try:
+            pops = _frame([r for o in outputs for r in o.populations], POPULATION_COLUMNS + list(self.extras))
+            ints = _frame([r for o in outputs for r in o.intensities], INTENSITY_COLUMNS)
+            gates = _frame([r for o in outputs for r in o.gates], GATE_COLUMNS)
+            finds = _frame([r for o in outputs for r in o.findings], FINDING_COLUMNS)
+            fails = _frame(failures, FAILURE_COLUMNS)
+            write_csv(pops, stage / "populations.csv")
+            write_parquet(pops, stage / "populations.parquet")
+            write_csv(ints, stage / "intensities.csv")
+            write_csv(gates, stage / "gates.csv")
+            write_csv(finds, stage / "findings.csv")
+            write_csv(fails, stage / "failures.csv")
+            self.summary.seconds = time.perf_counter() - self.t0
+            provenance.record_database(self, failures)
+            self._log_summary()
+            self._close_log()
+            write_json(provenance.manifest(self), stage / MANIFEST)
+        except OSError as e:
+            raise _write_error(e, stage) from e
+        try:
+            publish(stage, self.out, keep=keep)
+        except OSError as e:
+            raise _write_error(e, self.out) from e
+        self.stage = None
+        (work_area(self.out) / "last-aborted-run.log").unlink(missing_ok=True)
+        self.cache.prune(self.cache.used)
+
+    def _log_summary(self) -> None:
+        sm = self.summary
+        log.info("summary: %s", sm.line(), extra={"summary": sm.as_dict()})
+        log.info("phases: %s", ", ".join(f"{k} {v:.2f} s" for k, v in self.phases.items()))
+        for w, d in sorted(sm.workers.items()):
+            log.info("worker %s: %d task(s), %.1f s, peak RSS %.0f MiB", w, d["tasks"], d["seconds"],
+                     d["peak_rss"] / 2**20)
+
+    def _foreign_entries(self) -> list[str]:
+        if not self.out.is_dir():
+            return []
+        return sorted(p.name for p in self.out.iterdir() if p.name not in _OWN_NAMES)
+
+    def _abandon(self, err: BaseException) -> None:
+        """An aborted or interrupted run: stop the workers, keep the previous results, save the log."""
+        pool = getattr(self, "_hash_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        try:
+            self.executor.cancel()
+        except Exception:  # noqa: BLE001 - best effort while failing
+            log.debug("cancelling the executor failed", exc_info=True)
+        kind = "interrupted" if isinstance(err, KeyboardInterrupt) else "aborted"
+        self.summary.total = len(self.items) - self.summary.ignored
+        self.summary.seconds = time.perf_counter() - self.t0
+        if isinstance(err, ImmunoprofileError):
+            log.error("run %s %s: %s", self.run_id, kind, err)
+        elif isinstance(err, KeyboardInterrupt):
+            log.error("run %s interrupted", self.run_id)
+        else:
+            log.error("run %s failed: %s", self.run_id, err, exc_info=True)
+        if self.db_external and self.db_path is not None:
+            provenance.record_abandoned(self, kind, str(err))
+        self._close_log()
+        if self.stage is not None:
+            saved = work_area(self.out) / "last-aborted-run.log"
+            try:
+                if (self.stage / RUN_LOG).is_file():
+                    os.replace(self.stage / RUN_LOG, saved)
+                    if isinstance(err, AbortedError):
+                        err.hint = ((err.hint + "; ") if err.hint else "") + (
+                            f"the previous results in {self.shown} are unchanged; this run's log: {saved}")
+                        err.args = (str(err),)
+            except OSError:
+                pass
+            shutil.rmtree(self.stage, ignore_errors=True)
+            self.stage = None
+
+def _template_inputs(t: Any) -> list[tuple[str, str]]:
+    """Files a template reads besides itself (a compensation matrix), with their sha256."""
+    comp = getattr(t, "compensation", "")
+    if comp and comp not in ("auto", "file", "none", "document"):
+        p = Path(comp)
+        if not p.is_absolute():
+            p = Path(t.source).parent / p if Path(t.source).parent.joinpath(p).exists() else p
+        if p.is_file():
+            return [(str(p), sha256_file(p))]
+    return []
 
 
-def _panel_error(row: pd.Series, templates: Sequence[Template]) -> ImmunoprofileError:
-    from .errors import SampleError
+def _write_error(e: OSError, where: Path) -> AbortedError:
+    if _is_disk_error(e):
+        return AbortedError(f"the disk is full ({e.strerror})", path=str(where), code="DISK_FULL",
+                            hint="free some space and run again; the previous results are unchanged")
+    what = f" on {e.filename}" if getattr(e, "filename", None) else ""
+    return AbortedError(f"stopped by a system error{what} ({e.strerror or e})", path=str(where), code="SYSTEM_ERROR",
+                        hint="check permissions, free space and the file system; the previous results are unchanged")
 
+
+def _panel_error(row: dict[str, Any], templates: Sequence[Template]) -> ImmunoprofileError:
     have = ", ".join(sorted(t.panel or "?" for t in templates))
     return SampleError(f"panel {row['panel']!r} matches none of the templates (panels: {have})", path=row["file"],
                        code="PANEL_UNKNOWN", hint="fix the sheet's 'panel' value or add a template for it")
 
 
-def _hints_for(samples: pd.DataFrame, chosen: Sequence[Template | None], row: pd.Series, tpl: Template,
-               options: Options) -> dict[str, str]:
-    """Channel names of the FMO markers, from a stained sample of the same batch and panel."""
-    from .fcs import read_fcs
-
-    want = panel.canonical(row["control"].split(":", 1)[1])
-    for j in range(len(samples)):
-        other = samples.iloc[j]
-        if other["control"] or chosen[j] is not tpl or other["batch"] != row["batch"] or other["panel"] != row["panel"]:
-            continue
-        try:
-            s = read_fcs(other["path"], dataset=options.dataset)
-        except ImmunoprofileError:
-            continue
-        hints = channel_hints(s, tpl)
-        if any(panel.canonical(m) == want for m in hints):
-            return hints
-    return {}
-
-
-def _frame(rows: list[dict[str, Any]], columns: Sequence[str], sort: Sequence[str]) -> pd.DataFrame:
+def _frame(rows: list[dict[str, Any]], columns: Sequence[str]) -> pd.DataFrame:
     df = tables_equal_frame(rows, columns)
     if len(df):
-        df = df.sort_values(list(sort), kind="stable").reset_index(drop=True)
+        df = df.sort_values(["sample_id"], kind="stable").reset_index(drop=True)
     return df
-
-
-def _publish(out: Path, samples: pd.DataFrame, templates: Sequence[Template], outputs: list[SampleOutput],
-             failures: list[dict[str, Any]], options: Options, started: str, summary: RunSummary,
-             command_options: dict[str, Any], extras: tuple[str, ...]) -> None:
-    stage = staging_dir(out)
-    pops = _frame([r for o in outputs for r in o.populations], POPULATION_COLUMNS + list(extras), ["sample_id"])
-    ints = _frame([r for o in outputs for r in o.intensities], INTENSITY_COLUMNS, ["sample_id"])
-    gates = _frame([r for o in outputs for r in o.gates], GATE_COLUMNS, ["sample_id"])
-    finds = _frame([r for o in outputs for r in o.findings], FINDING_COLUMNS, ["sample_id"])
-    fails = _frame(failures, FAILURE_COLUMNS, ["sample_id"])
-    write_csv(pops, stage / "populations.csv")
-    write_parquet(pops, stage / "populations.parquet")
-    write_csv(ints, stage / "intensities.csv")
-    write_csv(gates, stage / "gates.csv")
-    write_csv(finds, stage / "findings.csv")
-    write_csv(fails, stage / "failures.csv")
-    by_id = {o.sample_id: o for o in outputs}
-    inputs = []
-    for _, row in samples.iterrows():
-        o = by_id.get(row["sample_id"])
-        inputs.append({"sample_id": row["sample_id"], "file": row["file"],
-                       "sha256": o.file_sha256 if o else None, "events": o.n_events if o else None})
-    manifest = {
-        "program": "immunoprofile gate",
-        **run_context(),
-        "started_utc": started,
-        "finished_utc": utc_now(),
-        "options": {**command_options, "dataset": options.dataset, "require_fmo": options.require_fmo,
-                    "intensity_markers": options.intensity_markers,
-                    "compensation_override": options.compensation is not None},
-        "templates": [{"name": t.name, "version": t.version, "sha256": t.sha256, "source": t.source,
-                       "panel": t.panel} for t in templates],
-        "summary": {"ok": summary.ok, "failed": summary.failed, "controls": summary.controls,
-                    "events": summary.events},
-        "inputs": inputs,
-        "outputs": manifest_outputs(stage),
-    }
-    write_json(manifest, stage / "manifest.json")
-    publish(stage, out)

@@ -56,10 +56,25 @@ def _available(name: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (so in-process callers that swap it are safe)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D401
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # the base class assigns it; ignore
+        pass
+
+
 def setup_logging(verbosity: int, log_format: str = "text") -> None:
     """Terse stderr logging: WARNING by default, INFO with -v, DEBUG with -vv, ERROR with -q."""
     level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     if log_format == "json":
         from .logjson import JsonFormatter
 

@@ -6,9 +6,8 @@ with its documented columns and types (``docs/compare.md``; the layout is fixed
 by ``immunoprofile.stats.POPULATION_COLUMNS``). Identifiers stay text (``"01"``
 is not the number 1); empty numbers are NaN.
 
-Extension point: an SQLite results database (``.sqlite``/``.db``) is planned;
-:func:`load_populations` recognises the suffix and says it is not supported
-yet, so the reader can be added in :func:`_load_database` without changing callers.
+An SQLite results database (``.sqlite``/``.db``, written by ``gate``; see
+:mod:`immunoprofile.store`) is read the same way and gives the same table.
 """
 
 from __future__ import annotations
@@ -62,15 +61,15 @@ def load_populations(path: str | Path, *, require_metadata: bool = True) -> pd.D
     Raises
     ------
     ResultsError
-        If the path does not exist, is a database (not supported yet), holds no
+        If the path does not exist, is not a results database, holds no
         populations table, cannot be parsed, lacks required columns, is empty, or
         (with ``require_metadata``) samples lack a patient or timepoint.
     """
     source = _resolve(Path(path))
-    if source.suffix.lower() in DATABASE_SUFFIXES:
-        return _load_database(source)
     try:
-        if source.suffix.lower() == ".parquet":
+        if source.suffix.lower() in DATABASE_SUFFIXES:
+            frame = _load_database(source)
+        elif source.suffix.lower() == ".parquet":
             frame = pd.read_parquet(source)
         else:
             frame = _read_csv(source)
@@ -106,10 +105,10 @@ def _resolve(path: Path) -> Path:
 
 
 def _load_database(path: Path) -> pd.DataFrame:
-    """Extension point for the planned SQLite results database."""
-    raise ResultsError("reading an SQLite results database is not supported yet", path=str(path),
-                       code="RESULTS_UNSUPPORTED",
-                       hint="give the results folder (with populations.csv) that `immunoprofile gate` wrote")
+    """The populations of an SQLite results database written by ``gate`` (``--db``)."""
+    from .store import load_populations as load_from_db
+
+    return load_from_db(path)
 
 
 def _read_csv(path: Path) -> pd.DataFrame:

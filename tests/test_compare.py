@@ -506,7 +506,6 @@ def test_load_populations_folder_file_parquet_and_text_ids(tmp_path):
 
 
 @pytest.mark.parametrize("name,setup,message", [
-    ("results.sqlite", None, "SQLite results database is not supported yet"),
     ("nothing", None, "no such file or folder"),
     ("empty", "dir", "holds no populations.csv"),
     ("bad.csv", "nocol", r"missing column\(s\) patient_id"),
@@ -620,10 +619,30 @@ def test_cli_help_lists_the_options(capsys):
         assert option in out
 
 
-def test_cli_database_not_supported_yet(tmp_path, capsys):
-    code, _, err = run_cli(["compare", str(tmp_path / "results.sqlite"), "--pre", "a", "--post", "b",
-                            "--out", str(tmp_path / "o")], capsys)
-    assert code == 2 and "not supported yet" in err
+def test_results_database_reads_like_the_folder(tmp_path, capsys):
+    """`compare` reads the SQLite results database `gate` writes as well as the folder."""
+    from immunoprofile.simulate import simulate_cohort
+
+    simulate_cohort(tmp_path / "c", patients=3, timepoints=("pre", "post_clofarabine"), events=2000, seed=2,
+                    panels=("t_cell",))
+    from immunoprofile.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["gate", "-t", "t_cell_exhaustion", "--samples", str(tmp_path / "c" / "samplesheet.csv"),
+              "--out", str(tmp_path / "r"), "--jobs", "1"])
+    assert e.value.code == 0
+    folder = load_populations(tmp_path / "r")
+    db = load_populations(tmp_path / "r" / "immunoprofile.sqlite")
+    cols = ["sample_id", "patient_id", "timepoint", "panel", "population", "count", "parent_count", "pct_parent"]
+    a = folder[cols].sort_values(["sample_id", "population"]).reset_index(drop=True)
+    b = db[cols].sort_values(["sample_id", "population"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b, check_dtype=False)
+    code, out_a, _ = run_cli(["compare", str(tmp_path / "r"), "--pre", "pre", "--post", "post_clofarabine",
+                              "--out", str(tmp_path / "s1")], capsys)
+    code_b, out_b, _ = run_cli(["compare", str(tmp_path / "r" / "immunoprofile.sqlite"), "--pre", "pre",
+                                "--post", "post_clofarabine", "--out", str(tmp_path / "s2")], capsys)
+    assert code == code_b == 0
+    assert (tmp_path / "s1" / "paired_stats.csv").read_bytes() == (tmp_path / "s2" / "paired_stats.csv").read_bytes()
 
 
 def test_pct_of_uses_the_reference_count_and_says_when_undefined():

@@ -1,0 +1,153 @@
+"""Batch throughput of ``immunoprofile gate``: ``--jobs 1`` against ``--jobs 2`` (issue 4).
+
+Simulates a T-cell cohort of 20 files of 1,000,000 events x 18 channels (7 patients x 2
+timepoints = 14 stained samples, and 6 FMO controls), then gates it with the real command in a
+fresh process, ``--jobs 1`` and ``--jobs 2`` alternately (``--force``, so both gate everything;
+best of ``--repeats``, as the machine may be shared), and once more without ``--force``
+(nothing new: every sample reused). Reports wall time, files per minute, the speed-up (whole
+command, and the stained-sample phase alone), each worker's peak resident memory (from
+``manifest.json``), and checks that both wrote the same bytes.
+
+For scale, the same machine's parallel speed-up on a trivially parallel numpy workload (two
+processes sorting arrays) is measured too: on a shared virtual machine it is often well below 2.
+
+    python benchmarks/bench_batch.py [--events 1000000] [--out bench_output]
+    run(tmpdir) -> dict                        # the figures, for ``make bench``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+EVENTS, PATIENTS, EXTRA_CHANNELS = 1_000_000, 7, 5
+TABLES = ("populations.csv", "populations.parquet", "intensities.csv", "gates.csv", "findings.csv", "failures.csv")
+
+
+def make_cohort(folder: Path, events: int = EVENTS) -> Path:
+    """20 files: 7 patients x 2 timepoints (T-cell panel, 18 channels) and 6 FMO controls."""
+    from immunoprofile.simulate import simulate_cohort
+
+    simulate_cohort(folder, patients=PATIENTS, timepoints=("pre", "post_clofarabine"), events=events,
+                    panels=("t_cell",), extra_channels=EXTRA_CHANNELS, seed=4)
+    return folder
+
+
+def gate(cohort: Path, out: Path, jobs: int, force: bool = True) -> dict[str, Any]:
+    """One ``immunoprofile gate`` in a new process; its figures from the manifest and the clock."""
+    cmd = [sys.executable, "-m", "immunoprofile", "-q", "gate", "-t", "t_cell_exhaustion",
+           "-s", str(cohort / "samplesheet.csv"), "-o", str(out), "--jobs", str(jobs)] + (["--force"] if force else [])
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"gate --jobs {jobs} exited {proc.returncode}: {proc.stderr[-2000:]}")
+    m = json.loads((out / "manifest.json").read_text())
+    run = m["run"]
+    files = m["summary"]["samples"]
+    return {
+        "jobs": jobs, "force": force, "files": files, "gated": run["ok"], "skipped": run["skipped"],
+        "wall_seconds": wall, "run_seconds": run["wall_seconds"],
+        "files_per_minute": 60.0 * files / wall, "events_per_second": run["events_per_second"],
+        "phase_seconds": run.get("phase_seconds", {}),
+        "workers": [{"worker": w["worker"], "tasks": w["tasks"], "seconds": w["seconds"],
+                     "peak_rss_mib": w["peak_rss_bytes"] / 2**20} for w in run["workers"]],
+        "peak_rss_mib_per_worker": max((w["peak_rss_bytes"] for w in run["workers"]), default=0) / 2**20,
+        "peak_rss_mib_coordinator": run.get("peak_rss_bytes", 0) / 2**20,
+    }
+
+
+def _sort_work(_: int) -> float:
+    import numpy as np
+
+    a = np.random.default_rng(0).random(3_000_000)
+    t = time.perf_counter()
+    for _ in range(20):
+        np.sort(a)
+    return time.perf_counter() - t
+
+
+def machine_parallel_speedup(repeats: int = 3) -> float:
+    """Two processes sorting arrays vs one process doing both: what this machine gives at best."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    best = 0.0
+    with ProcessPoolExecutor(2) as pool:
+        list(pool.map(_sort_work, range(2)))  # start-up
+        for _ in range(repeats):
+            t = time.perf_counter()
+            _sort_work(0)
+            _sort_work(0)
+            serial = time.perf_counter() - t
+            t = time.perf_counter()
+            list(pool.map(_sort_work, range(2)))
+            best = max(best, serial / (time.perf_counter() - t))
+    return best
+
+
+def run(tmpdir: str | Path, events: int = EVENTS, repeats: int = 3) -> dict[str, Any]:
+    """Simulate the cohort in ``tmpdir`` and time ``--jobs 1`` and ``--jobs 2``; returns the figures."""
+    tmp = Path(tmpdir) / "bench_batch"
+    tmp.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    cohort = make_cohort(tmp / "cohort", events)
+    simulated = time.perf_counter() - t0
+    runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+    for _ in range(repeats):
+        for jobs in (1, 2):
+            runs[jobs].append(gate(cohort, tmp / f"jobs{jobs}", jobs))
+    one = min(runs[1], key=lambda r: r["wall_seconds"])
+    two = min(runs[2], key=lambda r: r["wall_seconds"])
+    again = gate(cohort, tmp / "jobs2", 2, force=False)
+    same = all((tmp / "jobs1" / t).read_bytes() == (tmp / "jobs2" / t).read_bytes() for t in TABLES)
+    return {
+        "files": one["files"], "events_per_file": events, "channels": 13 + EXTRA_CHANNELS,
+        "cpus": os.cpu_count(), "simulate_seconds": simulated, "repeats": repeats,
+        "jobs1": one, "jobs2": two, "rerun_nothing_new": again,
+        "all_wall_seconds": {str(j): [round(r["wall_seconds"], 2) for r in rs] for j, rs in runs.items()},
+        "speedup_jobs2": one["wall_seconds"] / two["wall_seconds"],
+        "speedup_jobs2_samples_phase": one["phase_seconds"]["samples"] / two["phase_seconds"]["samples"],
+        "machine_parallel_speedup": machine_parallel_speedup(),
+        "identical_outputs": same,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=EVENTS)
+    ap.add_argument("--out", default="bench_output")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        r = run(tmp, args.events, args.repeats)
+    print(f"{r['files']} files x {r['events_per_file']:,} events x {r['channels']} channels, {r['cpus']} CPUs "
+          f"(simulated in {r['simulate_seconds']:.0f} s)")
+    for key in ("jobs1", "jobs2", "rerun_nothing_new"):
+        x = r[key]
+        phases = ", ".join(f"{k} {v:.1f} s" for k, v in x["phase_seconds"].items())
+        print(f"  --jobs {x['jobs']}{'' if x['force'] else ' (rerun, nothing new)'}: {x['wall_seconds']:.1f} s wall "
+              f"({phases}), {x['files_per_minute']:.0f} files/min, gated {x['gated']}, skipped {x['skipped']}, "
+              f"peak RSS per worker {x['peak_rss_mib_per_worker']:.0f} MiB (coordinating process "
+              f"{x['peak_rss_mib_coordinator']:.0f} MiB)")
+    print(f"  speed-up --jobs 2 vs 1 (best of {r['repeats']}): {r['speedup_jobs2']:.2f}x whole command, "
+          f"{r['speedup_jobs2_samples_phase']:.2f}x stained-sample phase; all runs (s): {r['all_wall_seconds']}")
+    print(f"  this machine's best 2-process speed-up on a trivially parallel numpy workload: "
+          f"{r['machine_parallel_speedup']:.2f}x; outputs identical: {r['identical_outputs']}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_batch.json").write_text(json.dumps(r, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
