@@ -17,7 +17,7 @@ from .errors import Finding, MarkerError
 from .fcs import FcsSample, read_fcs
 from .gating import FmoKey, FmoValue, fmo_threshold, gate_events, population_index, prepare
 from .stats import gate_rows, intensity_rows, population_rows
-from .templates import Template, ThresholdGate, QuadrantGate
+from .templates import Template, gate_thresholds
 
 
 @dataclass
@@ -79,7 +79,7 @@ def fmo_parents(template: Template, marker: str) -> list[str]:
     out: list[str] = []
     for p in template.populations:
         g = p.gate
-        ths = (g.threshold,) if isinstance(g, ThresholdGate) else (g.x, g.y) if isinstance(g, QuadrantGate) else ()
+        ths = gate_thresholds(g)
         for t in ths:
             if t.method == "fmo" and t.marker == marker and p.parent not in out:
                 out.append(p.parent)
@@ -146,7 +146,7 @@ def process_control(
 def _fmo_percentile(template: Template, marker: str) -> float:
     for p in template.populations:
         g = p.gate
-        ths = (g.threshold,) if isinstance(g, ThresholdGate) else (g.x, g.y) if isinstance(g, QuadrantGate) else ()
+        ths = gate_thresholds(g)
         for t in ths:
             if t.method == "fmo" and t.marker == marker:
                 return t.percentile

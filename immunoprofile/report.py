@@ -165,7 +165,7 @@ def recover(out_dir: Path) -> list[str]:
     previous = sorted(area.glob("previous-*"), key=lambda p: p.stat().st_mtime)
     if not out_dir.exists() and previous:
         os.replace(previous[-1], out_dir)
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
         done.append(f"restored the previous results of {out_dir} from an interrupted publication")
         previous = previous[:-1]
     for p in [*previous, *area.glob("staging-*")]:
@@ -190,23 +190,23 @@ def publish(stage: Path, out_dir: Path, keep: Sequence[str] = ()) -> None:
         A rename failed; ``out_dir`` then still holds the previous results (or, after a
         failure between the two renames of the fallback, :func:`recover` restores them).
     """
-    _fsync_dir(stage)
+    fsync_dir(stage)
     if not out_dir.exists():
         os.replace(stage, out_dir)
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
         return
     for name in keep:
         src, dst = out_dir / name, stage / name
         if (src.exists() or src.is_symlink()) and not (dst.exists() or dst.is_symlink()):
             _link_tree(src, dst)
     if _exchange(stage, out_dir):
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
         shutil.rmtree(stage, ignore_errors=True)  # now holds the previous results
         return
     old = stage.with_name(stage.name.replace("staging-", "previous-", 1))
     os.replace(out_dir, old)   # from here until the next rename, out_dir is absent (see recover())
     os.replace(stage, out_dir)
-    _fsync_dir(out_dir.parent)
+    fsync_dir(out_dir.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -247,7 +247,8 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (renames, new files) to disk; best effort."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

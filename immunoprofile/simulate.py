@@ -56,6 +56,7 @@ import numpy as np
 
 from .errors import AbortedError, UsageError
 from .fcs import fcs_bytes, write_fcs
+from .report import fsync_dir
 from .simulate_events import EXTRA_CHANNELS, make_events
 from .simulate_model import (
     DEFAULT_TIMEPOINTS, FMO_MARKERS, GROUPS, PANELS, POPULATIONS, CohortDesign, SampleSpec, cohort_truth,
@@ -402,25 +403,12 @@ def _publish(tmp: Path, out: Path, written: tuple[str, ...], existing: bool) -> 
     """Move the finished cohort from ``tmp`` into ``out`` (see :func:`simulate_cohort`)."""
     if not existing:
         os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
         return
     stale = _previous_files(out) - set(written)
     for name in written:   # FCS files first, samplesheet.csv last
         os.replace(tmp / name, out / name)
     for name in sorted(stale):
         (out / name).unlink(missing_ok=True)
-    _fsync_dir(out)
+    fsync_dir(out)
     shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

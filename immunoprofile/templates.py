@@ -218,13 +218,14 @@ class Template:
         """Markers whose thresholds come from FMO controls."""
         out: dict[str, None] = {}
         for p in self.populations:
-            for t in _thresholds(p.gate):
+            for t in gate_thresholds(p.gate):
                 if t.method == "fmo":
                     out.setdefault(t.marker, None)
         return tuple(out)
 
 
-def _thresholds(gate: Gate) -> tuple[Threshold, ...]:
+def gate_thresholds(gate: Gate) -> tuple[Threshold, ...]:
+    """The thresholds a gate takes (one for a threshold gate, two for a quadrant, else none)."""
     if isinstance(gate, ThresholdGate):
         return (gate.threshold,)
     if isinstance(gate, QuadrantGate):
