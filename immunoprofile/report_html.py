@@ -223,7 +223,9 @@ def _summary(folder: Path, manifest: dict[str, Any], frame: pd.DataFrame, stats:
     pop_file = folder / "populations.csv"
     run = manifest.get("run", {}) if isinstance(manifest.get("run"), dict) else {}
     rows: list[tuple[str, Any]] = [
-        ("samples gated", s.get("succeeded", s.get("ok", stained["sample_id"].nunique()))),
+        ("files gated (samples and FMO controls)",
+         s.get("succeeded", s.get("ok", stained["sample_id"].nunique()))),
+        ("stained samples in the results", stained["sample_id"].nunique()),
         ("samples failed", s.get("failed", "unknown")),
         ("FMO controls", s.get("controls", "unknown")),
         ("events", f"{s['events']:,}" if isinstance(s.get("events"), int) else "unknown"),

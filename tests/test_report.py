@@ -141,7 +141,9 @@ def test_report_holds_every_section_and_table(cohort, stats_dir, page):
         assert r[6] == str(int(float(n)))
     summary = dict(doc.tables["run-summary"])
     manifest = json.loads((cohort / "results" / "manifest.json").read_text())
-    assert summary["samples gated"] == str(manifest["summary"].get("succeeded", manifest["summary"].get("ok")))
+    assert summary["files gated (samples and FMO controls)"] == str(manifest["summary"].get("succeeded", manifest["summary"].get("ok")))
+    pops = pd.read_csv(cohort / "results" / "populations.csv", keep_default_na=False)
+    assert summary["stained samples in the results"] == str(pops.sample_id.nunique())
     assert summary["timepoints"] == "pre, post_clofarabine"
     assert summary["patients"] == "3"
     assert [r[0] for r in doc.tables["templates-table"]] == ["t_cell_exhaustion"]
