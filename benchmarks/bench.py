@@ -156,7 +156,7 @@ def our_stages(path: Path) -> tuple[list[Stage], dict[str, Any]]:
     n_channels = len({d for d, _ in scaled})
     stages = [
         Stage("raw numpy read (DATA segment)", raw_read, note="the limit: np.fromfile of the DATA bytes"),
-        Stage("read + checks + sha256", lambda: read_fcs(path), flowkit="read"),
+        Stage("read + checks + sha256", lambda: read_fcs(path).sha256, flowkit="read"),
         Stage("compensate (needed channels)", compensate),
         Stage("transform (gates' parent events; inside gate)", transform,
               note=f"{values_transformed / n:.2f} logicle values per event for {n_channels} channels "

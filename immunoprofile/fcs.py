@@ -45,6 +45,7 @@ import re
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -169,7 +170,9 @@ class FcsSample:
     """
 
     path: str
-    sha256: str
+    # the hex digest, or the hasher still running on the file's bytes (see the ``sha256`` property):
+    # hashing overlaps with whatever the caller does next, and is joined when the digest is read
+    _sha256: Any = field(compare=False, repr=False)
     version: str
     text: Mapping[str, str]
     channels: tuple[str, ...]
@@ -183,6 +186,18 @@ class FcsSample:
     bits: tuple[int, ...] = ()
     ranges: tuple[float, ...] = ()
     datatypes: tuple[str, ...] = ()
+
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of the file's bytes, exactly as read (waits for the hashing thread if needed)."""
+        h = self._sha256
+        return h if isinstance(h, str) else h.hexdigest()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle with the finished digest (a running hasher holds a thread)."""
+        state = dict(self.__dict__)
+        state["_sha256"] = self.sha256
+        return state
 
     @property
     def n_events(self) -> int:
@@ -763,11 +778,8 @@ def parse_fcs(data: bytes, path: str = "<bytes>", dataset: int = 0) -> FcsSample
         See :func:`read_fcs`.
     """
     hasher = _Sha256(data)
-    try:
-        sample = _parse(data, path, dataset)
-    finally:
-        digest = hasher.hexdigest()
-    return dataclasses.replace(sample, sha256=digest)
+    sample = _parse(data, path, dataset)
+    return dataclasses.replace(sample, _sha256=hasher)
 
 
 class _Sha256:
@@ -882,7 +894,7 @@ def _parse(data: bytes, path: str, dataset: int) -> FcsSample:
 
     spill = _spillover(kw, [p.name for p in params], findings)
     return FcsSample(
-        path=path, sha256=digest, version=version, text=dict(kw), channels=tuple(p.name for p in params),
+        path=path, _sha256=digest, version=version, text=dict(kw), channels=tuple(p.name for p in params),
         markers=tuple(p.marker for p in params), events=events, spillover=spill, findings=tuple(findings),
         data_offsets=(d0, d1), dataset=dataset, n_datasets=len(sets), bits=tuple(bits),
         ranges=tuple(p.range for p in params), datatypes=tuple(p.kind for p in params),

@@ -245,3 +245,20 @@ def test_inspect_real_24_bit_file() -> None:
     r = CliRunner().invoke(cli, ["inspect", str(path)])
     assert r.exit_code == 0
     assert "events: 25000" in r.stdout and " 24 " in r.stdout
+
+
+def test_sample_hash_is_of_the_bytes_read_and_survives_pickling(tmp_path):
+    """The digest (computed in a background thread for large files) equals hashlib's of the file."""
+    import hashlib
+    import pickle
+
+    from immunoprofile.fcs import read_fcs, write_fcs
+
+    ev = np.random.default_rng(0).normal(size=(400_000, 4)).astype(np.float32)  # > 4 MB: threaded hashing
+    path = tmp_path / "big.fcs"
+    write_fcs(path, ev, ["A", "B", "C", "D"])
+    s = read_fcs(path)
+    twin = pickle.loads(pickle.dumps(s))
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert s.sha256 == expected and twin.sha256 == expected
+    assert np.array_equal(twin.events, ev)
