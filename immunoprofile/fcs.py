@@ -45,11 +45,12 @@ import re
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from .atomic import write_bytes_atomic
 from .errors import FcsError, Finding, InputFileError
 
 __all__ = [
@@ -1172,17 +1173,7 @@ def write_fcs(
         If the file cannot be written.
     """
     blob = fcs_bytes(events, channels, markers, spillover=spillover, keywords=keywords, ranges=ranges)
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_bytes_atomic(path, blob)
     return blob
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +130,7 @@ def export_cmd(template: str, sample_path: str, out_path: str, results_dir: str 
     import logging
 
     from ..errors import UsageError
+    from ..atomic import write_bytes_atomic
     from ..fcs import read_fcs
     from ..interop import export_gatingml, resolved_gates
     from ..templates import load_template
@@ -152,26 +152,13 @@ def export_cmd(template: str, sample_path: str, out_path: str, results_dir: str 
 
         comp = compensation_matrix_from_csv(comp_file)
     xml = export_gatingml(t, sample, resolved=rows, compensation=comp, sample_id=sample_id)
-    _write_atomic(Path(out_path), xml)
+    write_bytes_atomic(Path(out_path), xml)
     n = len(t.populations)
     how = f", data-driven gates from sample {sample_id!r}" if rows is not None else ""
     click.echo(f"wrote {out_path}: {n} gates of {t.name} {t.version}{how}", err=True)
 
 
 # ---------------------------------------------------------------- helpers
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _table(rows: list[tuple[str, ...]], indent: str = "") -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = []
