@@ -54,7 +54,7 @@ from .atomic import write_bytes_atomic
 from .errors import FcsError, Finding, InputFileError
 
 __all__ = [
-    "FcsSample", "read_fcs", "parse_fcs", "fcs_bytes", "write_fcs", "parse_spillover", "format_spillover",
+    "FcsSample", "FcsMetadata", "read_fcs", "read_fcs_metadata", "parse_fcs", "fcs_bytes", "write_fcs", "parse_spillover", "format_spillover",
     "count_datasets", "ERROR_CODES", "FINDING_CODES",
 ]
 
@@ -238,9 +238,8 @@ def read_fcs(path: str | os.PathLike, dataset: int = 0) -> FcsSample:
         If the file violates the standard in a way that makes its numbers doubtful
         (``code`` says how; see ``docs/fcs.md``).
     """
-    p = Path(path)
     try:
-        data = p.read_bytes()
+        data = _read_file(path)
     except FileNotFoundError:
         raise InputFileError("file not found", path=str(path),
                              hint="check the path or the sample sheet's 'file' column") from None
@@ -248,10 +247,73 @@ def read_fcs(path: str | os.PathLike, dataset: int = 0) -> FcsSample:
         raise InputFileError("is a folder, not an FCS file", path=str(path), code="FILE_IS_FOLDER") from None
     except OSError as e:
         raise InputFileError(f"cannot be read ({e.strerror})", path=str(path), code="FILE_UNREADABLE") from e
-    sample = parse_fcs(data, str(path), dataset=dataset)
+    sample = _parse_buffer(data, str(path), dataset)
     log.debug("%s: %d events x %d parameters, %d finding(s)", path, sample.n_events, len(sample.channels),
               len(sample.findings))
     return sample
+
+
+@dataclass(frozen=True)
+class FcsMetadata:
+    """What a file says about itself, without its events (see :func:`read_fcs_metadata`)."""
+
+    path: str
+    version: str
+    text: Mapping[str, str]
+    channels: tuple[str, ...]
+    markers: tuple[str, ...]
+    dataset: int = 0
+    n_datasets: int = 1
+    findings: tuple[Finding, ...] = ()
+
+
+def read_fcs_metadata(path: str | os.PathLike, dataset: int = 0) -> FcsMetadata:
+    """Read only the HEADER and TEXT of one data set: channel names, markers and keywords.
+
+    A few kilobytes are read whatever the file's size, so this suits questions about many
+    files (which channel holds a marker?) where :func:`read_fcs` would read every event. The
+    HEADER, TEXT and parameter keywords get the same checks, and raise the same errors, as in
+    :func:`read_fcs`; the DATA segment is not looked at (a truncated DATA is not noticed).
+
+    Raises
+    ------
+    InputFileError
+        If the file does not exist or cannot be read.
+    FcsError
+        If the HEADER, TEXT or parameter keywords are unusable.
+    """
+    p = str(path)
+    try:
+        fd = os.open(p, os.O_RDONLY)
+    except FileNotFoundError:
+        raise InputFileError("file not found", path=p,
+                             hint="check the path or the sample sheet's 'file' column") from None
+    except IsADirectoryError:
+        raise InputFileError("is a folder, not an FCS file", path=p, code="FILE_IS_FOLDER") from None
+    except OSError as e:
+        raise InputFileError(f"cannot be read ({e.strerror})", path=p, code="FILE_UNREADABLE") from e
+    try:
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                raise _err(p, "FCS_TRUNCATED", "the file is empty", "copy it again from the instrument")
+            sets = _walk_datasets(_FileSlices(fd, size), p)
+        except IsADirectoryError:
+            raise InputFileError("is a folder, not an FCS file", path=p, code="FILE_IS_FOLDER") from None
+        except OSError as e:
+            raise InputFileError(f"cannot be read ({e.strerror})", path=p, code="FILE_UNREADABLE") from e
+    finally:
+        os.close(fd)
+    if not 0 <= dataset < len(sets):
+        raise _err(p, "FCS_DATASET_NOT_FOUND",
+                   f"data set {dataset} was asked for but the file holds {len(sets)} (numbered from 0)",
+                   f"choose --dataset between 0 and {len(sets) - 1}")
+    ds = sets[dataset]
+    findings: list[Finding] = list(ds.text.findings)
+    params = _parameters(ds.text.keywords, ds.version, p, findings)
+    return FcsMetadata(path=p, version=ds.version, text=dict(ds.text.keywords),
+                       channels=tuple(q.name for q in params), markers=tuple(q.marker for q in params),
+                       dataset=dataset, n_datasets=len(sets), findings=tuple(findings))
 
 
 def _err(path: str, code: str, message: str, hint: str | None = None) -> FcsError:
@@ -761,7 +823,7 @@ def _check_crc(data: bytes, last: int, path: str) -> None:
     if tail.strip(b"0") == b"":
         return
     stated = tail.decode("ascii")
-    body = memoryview(data)[:last + 1]
+    body = memoryview(_view(data))[:last + 1]
     values = {_crc16(body, 0), _crc16(body, 0xFFFF)}
     candidates = {f"{v:08d}" for v in values} | {f"{v:08X}" for v in values}
     if stated.upper() not in candidates:
@@ -778,9 +840,86 @@ def parse_fcs(data: bytes, path: str = "<bytes>", dataset: int = 0) -> FcsSample
     FcsError
         See :func:`read_fcs`.
     """
-    hasher = _Sha256(data)
+    return _parse_buffer(data, path, dataset)
+
+
+def _parse_buffer(data: bytes | _FileBuffer, path: str, dataset: int) -> FcsSample:
+    hasher = _Sha256(_view(data))
     sample = _parse(data, path, dataset)
     return dataclasses.replace(sample, _sha256=hasher)
+
+
+def _read_file(path: str | os.PathLike) -> _FileBuffer:
+    """The whole file in one read-only numpy buffer.
+
+    A large numpy allocation is backed by transparent huge pages where the kernel allows, so
+    faulting it in costs about a quarter of a ``bytes`` object's (7 ms instead of 31 ms for
+    72 MB); the DATA segment is then decoded from it in place. Reads to the end even if the
+    file grew since it was opened, as ``Path.read_bytes`` does.
+    """
+    with open(path, "rb", buffering=0) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        buf = np.empty(size, dtype=np.uint8)
+        got = 0
+        while got < size:
+            n = fh.readinto(memoryview(buf)[got:])
+            if not n:
+                break
+            got += n
+        more = fh.read() if got == size else b""
+    if got < size:
+        buf = buf[:got].copy()
+    elif more:
+        buf = np.concatenate([buf, np.frombuffer(more, dtype=np.uint8)])
+    buf.flags.writeable = False
+    return _FileBuffer(buf)
+
+
+class _FileBuffer:
+    """A file's bytes held in a numpy array, with the few ``bytes`` operations the parser uses.
+
+    Slices (HEADER, TEXT, a CRC) are copied out as ``bytes``; the DATA segment and the hash
+    read the array itself (see :func:`_view`).
+    """
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def __len__(self) -> int:
+        return int(self.array.size)
+
+    def __getitem__(self, key: slice) -> bytes:
+        return self.array[key].tobytes()
+
+    def startswith(self, prefix: bytes) -> bool:
+        return self.array[:len(prefix)].tobytes() == prefix
+
+    def count(self, sub: bytes, start: int, end: int) -> int:
+        return self.array[start:end].tobytes().count(sub)
+
+
+class _FileSlices:
+    """The parts of an open file that the HEADER and TEXT parsers ask for, read on demand."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd, self.size = fd, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key: slice) -> bytes:
+        start, stop, _ = key.indices(self.size)
+        return os.pread(self.fd, stop - start, start) if stop > start else b""
+
+    def startswith(self, prefix: bytes) -> bool:
+        return self[0:len(prefix)] == prefix
+
+
+def _view(data: Any) -> Any:
+    """What numpy and hashlib read: the array behind a :class:`_FileBuffer`, else ``data`` itself."""
+    return data.array if isinstance(data, _FileBuffer) else data
 
 
 class _Sha256:
@@ -788,16 +927,16 @@ class _Sha256:
 
     _THREAD_ABOVE = 4 * 1024 * 1024
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: Any) -> None:
         self._digest: str | None = None
         self._thread: threading.Thread | None = None
-        if len(data) > self._THREAD_ABOVE:
+        if memoryview(data).nbytes > self._THREAD_ABOVE:
             self._thread = threading.Thread(target=self._run, args=(data,), daemon=True)
             self._thread.start()
         else:
             self._run(data)
 
-    def _run(self, data: bytes) -> None:
+    def _run(self, data: Any) -> None:
         self._digest = hashlib.sha256(data).hexdigest()
 
     def hexdigest(self) -> str:
@@ -984,7 +1123,7 @@ def _decode(data: bytes, start: int, n: int, params: list[_Param], endian: str, 
     elif len(kinds) == 1 and len({q.bits for q in params}) == 1 and params[0].bits in (8, 16, 32, 64):
         q0 = params[0]
         code = {"F": "f", "D": "f", "I": "u"}[q0.kind]
-        raw = np.frombuffer(data, dtype=f"{endian}{code}{q0.bits // 8}", count=n * p, offset=start).reshape(n, p)
+        raw = np.frombuffer(_view(data), dtype=f"{endian}{code}{q0.bits // 8}", count=n * p, offset=start).reshape(n, p)
         # native-order data already in the target type is used in place (read-only, no copy)
         out = raw.astype(dtype, copy=any(m is not None for m in masks))
         for j, m in enumerate(masks):
@@ -994,7 +1133,7 @@ def _decode(data: bytes, start: int, n: int, params: list[_Param], endian: str, 
         # One odd byte width for all (e.g. 24-bit): widen every value at once.
         nb = params[0].bits // 8
         size = 4 if nb <= 4 else 8
-        u8 = np.frombuffer(data, dtype=np.uint8, count=n * width, offset=start).reshape(n, p, nb)
+        u8 = np.frombuffer(_view(data), dtype=np.uint8, count=n * width, offset=start).reshape(n, p, nb)
         pad = np.zeros((n, p, size), dtype=np.uint8)
         if endian == "<":
             pad[:, :, :nb] = u8
@@ -1015,10 +1154,10 @@ def _decode(data: bytes, start: int, n: int, params: list[_Param], endian: str, 
             if not (q.kind == "I" and nb not in (1, 2, 4, 8)):
                 fields.append((f"c{j}", f"{endian}{'u' if q.kind == 'I' else 'f'}{nb}", pos))
             pos += nb
-        rec = np.frombuffer(data, dtype=np.dtype({"names": [f[0] for f in fields], "formats": [f[1] for f in fields],
+        rec = np.frombuffer(_view(data), dtype=np.dtype({"names": [f[0] for f in fields], "formats": [f[1] for f in fields],
                                                   "offsets": [f[2] for f in fields], "itemsize": width}),
                             count=n, offset=start)
-        u8 = np.frombuffer(data, dtype=np.uint8, count=n * width, offset=start).reshape(n, width)
+        u8 = np.frombuffer(_view(data), dtype=np.uint8, count=n * width, offset=start).reshape(n, width)
         out = np.empty((n, p), dtype=dtype)
         pos = 0
         for j, q in enumerate(params):
@@ -1066,7 +1205,7 @@ def _decode_packed(data: bytes, start: int, n: int, params: list[_Param], dtype:
     event_bits = sum(q.bits for q in params)
     n_bytes = (n * event_bits + 7) // 8
     buf = np.zeros(n_bytes + 9, dtype=np.uint8)
-    buf[:n_bytes] = np.frombuffer(data, dtype=np.uint8, count=n_bytes, offset=start)
+    buf[:n_bytes] = np.frombuffer(_view(data), dtype=np.uint8, count=n_bytes, offset=start)
     out = np.empty((n, len(params)), dtype=dtype)
     chunk = 1 << 16
     offset = 0

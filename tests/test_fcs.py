@@ -262,3 +262,94 @@ def test_sample_hash_is_of_the_bytes_read_and_survives_pickling(tmp_path):
     expected = hashlib.sha256(path.read_bytes()).hexdigest()
     assert s.sha256 == expected and twin.sha256 == expected
     assert np.array_equal(twin.events, ev)
+
+
+# --- metadata only ---------------------------------------------------------------------------------
+
+_TEXT_CODES = {"FCS_NOT_FCS", "FCS_VERSION_UNSUPPORTED", "FCS_HEADER_INVALID", "FCS_TEXT_OFFSETS",
+               "FCS_NEXTDATA_INVALID", "FCS_DATASET_NOT_FOUND"}
+
+
+@pytest.mark.parametrize("valid", fc.VALID, ids=lambda v: v.name)
+def test_metadata_equals_what_the_full_reader_finds(valid: fc.Valid, tmp_path: Path) -> None:
+    from immunoprofile.fcs import read_fcs_metadata
+
+    path = tmp_path / "v.fcs"
+    path.write_bytes(valid.make().blob)
+    full, meta = read_fcs(path), read_fcs_metadata(path)
+    assert (meta.channels, meta.markers, dict(meta.text), meta.version, meta.n_datasets) == (
+        full.channels, full.markers, dict(full.text), full.version, full.n_datasets)
+
+
+def test_metadata_does_not_read_the_data_segment(tmp_path: Path) -> None:
+    """A file cut inside DATA: read_fcs refuses it, the channel names are still there."""
+    from immunoprofile.fcs import read_fcs_metadata
+
+    built = fc.build(fc.base_values(n=2000), names=["FSC-A", "SSC-A", "FL1-A", "FL2-A"],
+                     keywords={"$P3S": "CD3", "$P4S": "PD-1"})
+    path = tmp_path / "cut.fcs"
+    path.write_bytes(built.blob[:built.data[0] + 100])
+    with pytest.raises(FcsError) as info:
+        read_fcs(path)
+    assert info.value.code == "FCS_TRUNCATED"
+    meta = read_fcs_metadata(path)
+    assert meta.channels == ("FSC-A", "SSC-A", "FL1-A", "FL2-A") and meta.markers[2:] == ("CD3", "PD-1")
+
+
+@pytest.mark.parametrize("case", [c for c in fc.CASES if c.kind == "error" and c.code in _TEXT_CODES],
+                         ids=lambda c: c.name)
+def test_metadata_raises_what_the_full_reader_raises_for_header_and_text(case: fc.Case, tmp_path: Path) -> None:
+    from immunoprofile.fcs import read_fcs_metadata
+
+    path = tmp_path / "case.fcs"
+    path.write_bytes(case.make())
+    with pytest.raises(FcsError) as full:
+        read_fcs(path, dataset=case.dataset)
+    with pytest.raises(FcsError) as meta:
+        read_fcs_metadata(path, dataset=case.dataset)
+    assert meta.value.code == full.value.code == case.code
+    assert str(meta.value) == str(full.value)
+
+
+def test_metadata_of_missing_folder_and_empty_files(tmp_path: Path) -> None:
+    from immunoprofile.fcs import read_fcs_metadata
+
+    with pytest.raises(InputFileError) as info:
+        read_fcs_metadata(tmp_path / "nope.fcs")
+    assert info.value.code == "FILE_MISSING"
+    with pytest.raises(InputFileError) as info:
+        read_fcs_metadata(tmp_path)
+    assert info.value.code == "FILE_IS_FOLDER"
+    (tmp_path / "empty.fcs").write_bytes(b"")
+    with pytest.raises(FcsError) as info:
+        read_fcs_metadata(tmp_path / "empty.fcs")
+    assert info.value.code == "FCS_TRUNCATED"
+
+
+def test_metadata_of_real_files_equals_the_full_read() -> None:
+    from immunoprofile.fcs import read_fcs_metadata
+
+    files = sorted(DATA.rglob("*.fcs")) if DATA.is_dir() else []
+    if not files:
+        pytest.skip(f"no real FCS files under {DATA}")
+    compared = 0
+    for f in files:
+        try:
+            full = read_fcs(f)
+        except FcsError:
+            continue
+        meta = read_fcs_metadata(f)
+        assert (meta.channels, meta.markers, dict(meta.text)) == (full.channels, full.markers, dict(full.text)), f
+        compared += 1
+    assert compared >= 50
+
+
+def test_events_read_from_a_file_are_read_only_and_the_hash_is_of_the_file(tmp_path: Path) -> None:
+    """float32 DATA is used in place from the reader's buffer, which nobody may modify."""
+    ev = np.random.default_rng(3).normal(size=(5000, 3)).astype(np.float32)
+    path = tmp_path / "f.fcs"
+    write_fcs(path, ev, ["FSC-A", "SSC-A", "FL1-A"])
+    s = read_fcs(path)
+    assert s.events.dtype == np.float32 and not s.events.flags.writeable
+    np.testing.assert_array_equal(s.events, ev)
+    assert s.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
