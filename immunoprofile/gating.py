@@ -422,10 +422,46 @@ class GatingResult:
     mask) where gating already had them; :func:`population_index` gives any population's.
     """
 
-    masks: dict[str, np.ndarray]
+    masks: Mapping[str, np.ndarray]
     gates: list[dict[str, Any]]
     findings: list[Finding]
     index: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    def release_masks(self) -> None:
+        """Keep each population's event numbers and free the masks (one byte per event and population).
+
+        Afterwards ``masks`` still has every population, and a mask is rebuilt from its event
+        numbers when asked for, so nothing reading the result sees a difference.
+        """
+        if isinstance(self.masks, _MasksFromIndex):
+            return
+        n = next(iter(self.masks.values())).size if self.masks else 0
+        for name in self.masks:
+            if name != ROOT:
+                population_index(self, name)
+        self.masks = _MasksFromIndex(self.index, list(self.masks), n)
+
+
+class _MasksFromIndex(Mapping):
+    """Masks made on demand from sorted event numbers (see :meth:`GatingResult.release_masks`)."""
+
+    def __init__(self, index: Mapping[str, np.ndarray], names: list[str], n_events: int) -> None:
+        self._index, self._names, self._n = index, names, n_events
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._names:
+            raise KeyError(name)
+        if name == ROOT:
+            return np.ones(self._n, dtype=bool)
+        mask = np.zeros(self._n, dtype=bool)
+        mask[self._index[name]] = True
+        return mask
+
+    def __iter__(self) -> Any:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def population_index(result: GatingResult, name: str) -> np.ndarray:

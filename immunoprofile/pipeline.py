@@ -204,6 +204,7 @@ def gate_sample(
     out = SampleOutput(sample_id, n_events=sample.n_events, file_sha256=sample.sha256)
     out.populations = population_rows(result, template, {**meta, "sample_id": sample_id}, sample.sha256,
                                       extra_columns)
+    result.release_masks()  # the intensities need only the event numbers: less memory at the peak
     markers = [m for m in template.markers if m not in ()]
     markers = [m for m in (*markers, *extra_markers) if not _is_scatter(data, m)]
     markers = list(dict.fromkeys(markers))

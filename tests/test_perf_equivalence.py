@@ -238,6 +238,33 @@ def test_optimised_gating_equals_reference_event_for_event(panel, template, seed
         assert row["median_transformed"] == ref.transforms[row["marker"]].apply(want[1:2])[0]
 
 
+def test_released_masks_give_the_same_masks_counts_and_intensities():
+    """``release_masks`` frees the mask block; masks rebuilt from event numbers are the same."""
+    from immunoprofile.stats import population_rows
+
+    sample = simulated("t_cell", 23)
+    tpl = load_template("t_cell_exhaustion")
+    data = prepare(sample, tpl)
+    result = gate_events(data)
+    before = {name: m.copy() for name, m in result.masks.items()}
+    markers = [m for m in tpl.markers if not gating.is_scatter(m, data.channel(m))]
+    rows = (population_rows(result, tpl, {"sample_id": "s"}, "x"), intensity_rows(result, data, markers, "s"))
+    import gc
+    import weakref
+
+    block = weakref.ref(result.masks["T cells"].base)  # the masks are rows of one block
+    result.release_masks()
+    gc.collect()
+    assert block() is None  # freed
+    assert list(result.masks) == list(before) and len(result.masks) == len(before)
+    for name, m in before.items():
+        assert np.array_equal(result.masks[name], m), name
+    again = (population_rows(result, tpl, {"sample_id": "s"}, "x"), intensity_rows(result, data, markers, "s"))
+    assert again == rows
+    with pytest.raises(KeyError):
+        result.masks["no such population"]
+
+
 def test_fmo_thresholds_and_fmo_values_equal_reference(tmp_path):
     tpl = load_template("t_cell_exhaustion")
     stained = simulated("t_cell", 5)
