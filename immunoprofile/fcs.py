@@ -923,16 +923,18 @@ def _view(data: Any) -> Any:
 
 
 class _Sha256:
-    """SHA-256 of ``data``, computed in a thread for large inputs (hashlib releases the GIL)."""
+    """SHA-256 of ``data``, for large inputs computed as side work (:mod:`.background`; hashlib
+    releases the GIL), so that it overlaps whatever the caller does next."""
 
     _THREAD_ABOVE = 4 * 1024 * 1024
 
     def __init__(self, data: Any) -> None:
         self._digest: str | None = None
-        self._thread: threading.Thread | None = None
+        self._job: Any = None
         if memoryview(data).nbytes > self._THREAD_ABOVE:
-            self._thread = threading.Thread(target=self._run, args=(data,), daemon=True)
-            self._thread.start()
+            from .background import submit
+
+            self._job = submit(self._run, data)
         else:
             self._run(data)
 
@@ -940,8 +942,8 @@ class _Sha256:
         self._digest = hashlib.sha256(data).hexdigest()
 
     def hexdigest(self) -> str:
-        if self._thread is not None:
-            self._thread.join()
+        if self._job is not None:
+            self._job.result()
         assert self._digest is not None
         return self._digest
 

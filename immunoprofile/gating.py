@@ -220,23 +220,16 @@ def worker_threads() -> int:
 
 
 class _Background:
-    """``fn()`` in a daemon thread; :meth:`wait` joins it and re-raises its exception."""
+    """``fn()`` as side work (:mod:`.background`); :meth:`wait` waits for it and re-raises its exception."""
 
     def __init__(self, fn: Any, name: str) -> None:
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), name=name, daemon=True)
-        self._thread.start()
+        from .background import submit
 
-    def _run(self, fn: Any) -> None:
-        try:
-            fn()
-        except BaseException as e:  # handed to the waiting thread
-            self._error = e
+        self.name = name
+        self._job = submit(fn)
 
     def wait(self) -> None:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
+        self._job.result()
 
 
 _THREADPOOLS: dict[str, Any] = {}
