@@ -152,6 +152,14 @@ class FcsSample:
         ``$PnS`` of each parameter, ``''`` where absent.
     events
         Event matrix, shape ``(n_events, n_parameters)``; float32 where that is lossless, else float64.
+        When only the Time channel needs scaling by ``$TIMESTEP`` (the usual case), the file's
+        values are kept in float32 in :attr:`matrix` and this float64 matrix is made on first use;
+        :meth:`column` reads one column of it without making it.
+    matrix
+        The decoded values: :attr:`events` itself, or before Time x ``$TIMESTEP`` when
+        :attr:`time_scale` is set.
+    time_scale
+        ``(Time column, $TIMESTEP)`` still to apply to :attr:`matrix`, or ``None``.
     spillover
         ``(channel names, matrix)`` from ``$SPILLOVER``/``$SPILL``/``SPILL``, or ``None``.
     findings
@@ -178,7 +186,7 @@ class FcsSample:
     text: Mapping[str, str]
     channels: tuple[str, ...]
     markers: tuple[str, ...]
-    events: np.ndarray
+    matrix: np.ndarray
     spillover: tuple[tuple[str, ...], np.ndarray] | None
     findings: tuple[Finding, ...] = ()
     data_offsets: tuple[int, int] = (0, 0)
@@ -187,6 +195,28 @@ class FcsSample:
     bits: tuple[int, ...] = ()
     ranges: tuple[float, ...] = ()
     datatypes: tuple[str, ...] = ()
+    time_scale: tuple[int, float] | None = None
+
+    @property
+    def events(self) -> np.ndarray:
+        """The event values (see the class's attributes); made once when :attr:`time_scale` is set."""
+        if self.time_scale is None:
+            return self.matrix
+        made = self.__dict__.get("_events")
+        if made is None:
+            j, step = self.time_scale
+            made = self.matrix.astype(np.float64)
+            made[:, j] *= step
+            object.__setattr__(self, "_events", made)
+        return made
+
+    def column(self, j: int, index: np.ndarray | None = None) -> np.ndarray:
+        """``events[:, j]`` (or ``events[index, j]``) as a new float64 array, without making :attr:`events`."""
+        col = self.matrix[:, j]
+        out = (col if index is None else np.take(col, index)).astype(np.float64)
+        if self.time_scale is not None and j == self.time_scale[0]:
+            out *= self.time_scale[1]
+        return out
 
     @property
     def sha256(self) -> str:
@@ -198,11 +228,12 @@ class FcsSample:
         """Pickle with the finished digest (a running hasher holds a thread)."""
         state = dict(self.__dict__)
         state["_sha256"] = self.sha256
+        state.pop("_events", None)  # made again from the matrix when needed
         return state
 
     @property
     def n_events(self) -> int:
-        return int(self.events.shape[0])
+        return int(self.matrix.shape[0])
 
     @property
     def labels(self) -> list[str]:
@@ -1032,14 +1063,14 @@ def _parse(data: bytes, path: str, dataset: int) -> FcsSample:
     time_index, time_step = _time_channel(params, kw, version, path, findings)
     # Float DATA may hold NaN (even signalling NaN) and huge values: decode them as they are, without warnings.
     with np.errstate(invalid="ignore", over="ignore"):
-        events = _decode(data, d0, n_tot, params, endian, path, findings, packed, time_index, time_step)
+        events, time_scale = _decode(data, d0, n_tot, params, endian, path, findings, packed, time_index, time_step)
 
     spill = _spillover(kw, [p.name for p in params], findings)
     return FcsSample(
         path=path, _sha256=digest, version=version, text=dict(kw), channels=tuple(p.name for p in params),
-        markers=tuple(p.marker for p in params), events=events, spillover=spill, findings=tuple(findings),
+        markers=tuple(p.marker for p in params), matrix=events, spillover=spill, findings=tuple(findings),
         data_offsets=(d0, d1), dataset=dataset, n_datasets=len(sets), bits=tuple(bits),
-        ranges=tuple(p.range for p in params), datatypes=tuple(p.kind for p in params),
+        ranges=tuple(p.range for p in params), datatypes=tuple(p.kind for p in params), time_scale=time_scale,
     )
 
 
@@ -1090,8 +1121,14 @@ def _next_pow2(r: float) -> int:
 
 
 def _decode(data: bytes, start: int, n: int, params: list[_Param], endian: str, path: str,
-            findings: list[Finding], packed: bool, time_index: int | None, time_step: float) -> np.ndarray:
-    """Decode the DATA segment into an ``(n, p)`` float matrix (one copy of the events)."""
+            findings: list[Finding], packed: bool, time_index: int | None,
+            time_step: float) -> tuple[np.ndarray, tuple[int, float] | None]:
+    """Decode the DATA segment into an ``(n, p)`` float matrix (at most one copy of the events).
+
+    Returns the matrix and, when Time x ``$TIMESTEP`` is the only step that needs float64,
+    ``(Time column, $TIMESTEP)`` left to apply (the matrix stays float32, see
+    :attr:`FcsSample.time_scale`); else ``None``.
+    """
     p = len(params)
     kinds = {q.kind for q in params}
     masks: list[int | None] = []
@@ -1104,7 +1141,8 @@ def _decode(data: bytes, start: int, n: int, params: list[_Param], endian: str, 
     log_cols = [j for j, q in enumerate(params) if q.kind == "I" and q.decades > 0]
     gain_cols = [j for j, q in enumerate(params) if q.gain != 1.0 and j != time_index]
     lossless32 = all(q.kind == "F" or (q.kind == "I" and q.bits <= 24) for q in params)
-    dtype = np.float32 if lossless32 and not (scale_time or log_cols or gain_cols) else np.float64
+    dtype = np.float32 if lossless32 and not (log_cols or gain_cols) else np.float64
+    deferred = (int(time_index), float(time_step)) if scale_time and dtype == np.float32 else None
     width = sum(q.bits for q in params) // 8
     masked_counts: dict[int, int] = {}
 
@@ -1178,7 +1216,7 @@ def _decode(data: bytes, start: int, n: int, params: list[_Param], endian: str, 
     # FlowKit/FlowIO preprocessing order: Time x $TIMESTEP, then $PnE decoding, then / $PnG.
     # (float64 data near its limit may overflow to inf, as in FlowKit; no warning for it.)
     with np.errstate(over="ignore", invalid="ignore"):
-        if scale_time:
+        if scale_time and deferred is None:
             assert time_index is not None
             out[:, time_index] *= time_step
         for j in log_cols:
@@ -1186,7 +1224,7 @@ def _decode(data: bytes, start: int, n: int, params: list[_Param], endian: str, 
             out[:, j] = 10 ** (q.decades * out[:, j] / q.range) * q.log_zero
         for j in gain_cols:
             out[:, j] /= params[j].gain
-    return out
+    return out, deferred
 
 
 def _odd_width_ints(raw: np.ndarray, endian: str) -> np.ndarray:

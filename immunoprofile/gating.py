@@ -89,7 +89,7 @@ class EventData:
                 if dim not in self._raw:
                     self._compensate_all()
             else:
-                self._raw[dim] = self.sample.events[:, col].astype(np.float64)
+                self._raw[dim] = self.sample.column(col)
         return self._raw[dim]
 
     def compensate_in_background(self) -> None:
@@ -118,7 +118,7 @@ class EventData:
         if not dims:
             return
         ks = [self.spill_columns.index(self.channel_of[d]) for d in dims]
-        args = (self.sample.events, self.spill_columns, self.spill_inverse[:, ks], _COMP_BLOCK)
+        args = (self._spill_source(), self.spill_columns, self.spill_inverse[:, ks], _COMP_BLOCK)
         out = compensate_columns(*args) if limit_threads else _compensate(*args)
         for j, d in enumerate(dims):
             self._raw[d] = out[:, j]
@@ -143,9 +143,14 @@ class EventData:
         if dim in self._raw or self._compensated(dim):
             raw = self.raw(dim)[index]
         else:  # straight from the event matrix: no full-length copy of the column
-            raw = np.take(self.sample.events[:, self.channel_of[dim]], index).astype(np.float64)
+            raw = self.sample.column(self.channel_of[dim], index)
         t = self.transforms[dim]
         return raw if isinstance(t, Identity) else t.apply(raw)
+
+    def _spill_source(self) -> np.ndarray:
+        """The matrix compensation reads: the file's float32 values unless Time is compensated (never, in practice)."""
+        ts = self.sample.time_scale
+        return self.sample.events if ts is not None and ts[0] in self.spill_columns else self.sample.matrix
 
     def _compensated(self, dim: str) -> bool:
         return self.spill_inverse is not None and self.channel_of[dim] in self.spill_columns
@@ -154,7 +159,7 @@ class EventData:
         """``values(dim)``, not kept (an uncompensated column is read again from the event matrix)."""
         if dim in self._tf or dim in self._raw or self._compensated(dim):
             return self.values(dim)
-        raw = self.sample.events[:, self.channel_of[dim]].astype(np.float64)
+        raw = self.sample.column(self.channel_of[dim])
         t = self.transforms[dim]
         return raw if isinstance(t, Identity) else t.apply(raw)
 
@@ -535,7 +540,9 @@ class _Populations:
         data = self.data
         if (self.events(name) is None and (dim, name) not in self._values and isinstance(data.transforms[dim], Identity)
                 and not data._compensated(dim) and dim not in data._raw):
-            return data.sample.events[:, data.channel_of[dim]]
+            col = data.channel_of[dim]
+            ts = data.sample.time_scale
+            return data.sample.column(col) if ts is not None and ts[0] == col else data.sample.matrix[:, col]
         return self.values(dim, name)
 
     def add(self, name: str, parent: str, selected: np.ndarray, within_parent: bool) -> None:

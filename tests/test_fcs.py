@@ -353,3 +353,28 @@ def test_events_read_from_a_file_are_read_only_and_the_hash_is_of_the_file(tmp_p
     assert s.events.dtype == np.float32 and not s.events.flags.writeable
     np.testing.assert_array_equal(s.events, ev)
     assert s.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_time_step_keeps_float32_values_and_scales_time_when_read() -> None:
+    """FlowKit's raw Time is Time x $TIMESTEP in float64; the other channels stay float32 in ``matrix``."""
+    import pickle
+
+    v = fc.base_values(n=500, p=4) + 0.25
+    blob = fc.build(v, names=["FSC-A", "SSC-A", "FL1-A", "Time"], keywords={"$TIMESTEP": "0.01"}).blob
+    s = parse_fcs(blob, "t.fcs")
+    assert s.matrix.dtype == np.float32 and s.time_scale == (3, 0.01)
+    ref = _flowkit_raw(blob)
+    assert s.events.dtype == np.float64
+    np.testing.assert_array_equal(s.events, ref)
+    for j in range(4):
+        np.testing.assert_array_equal(s.column(j), ref[:, j])
+        np.testing.assert_array_equal(s.column(j, np.array([3, 7, 400])), ref[[3, 7, 400], j])
+    twin = pickle.loads(pickle.dumps(s))
+    assert "_events" not in twin.__dict__
+    np.testing.assert_array_equal(twin.events, ref)
+    # a gain on any channel needs float64 for all: no deferred scaling then
+    g = parse_fcs(fc.build(v, names=["FSC-A", "SSC-A", "FL1-A", "Time"],
+                           keywords={"$TIMESTEP": "0.01", "$P1G": "2"}).blob)
+    assert g.matrix.dtype == np.float64 and g.time_scale is None
+    np.testing.assert_array_equal(g.events, _flowkit_raw(fc.build(v, names=["FSC-A", "SSC-A", "FL1-A", "Time"],
+                                                                  keywords={"$TIMESTEP": "0.01", "$P1G": "2"}).blob))

@@ -451,3 +451,20 @@ def test_values_at_equals_full_column_entries():
     for dim in ("FSC-A", "CD3", "PD1"):
         assert np.array_equal(fresh.values_at(dim, idx), full.values(dim)[idx])
     assert "FSC-A" not in fresh._raw  # an uncompensated channel is read without a full-length copy
+
+
+def test_time_scaled_files_gate_as_if_the_whole_matrix_were_float64():
+    """With $TIMESTEP the file's float32 values stay float32 (Time is scaled when read); same results."""
+    import dataclasses
+
+    s = simulate_sample("t_cell", 30_000, extra_channels=2, seed=29)
+    names = list(s.channels)
+    assert "Time" in names
+    sample = parse_fcs(fcs_bytes(s.events, s.channels, s.markers, spillover=s.spillover,
+                                 keywords={"$TIMESTEP": "0.01"}), "timed.fcs")
+    assert sample.matrix.dtype == np.float32 and sample.time_scale == (names.index("Time"), 0.01)
+    whole = dataclasses.replace(sample, matrix=sample.events, time_scale=None)
+    assert whole.matrix.dtype == np.float64
+    tpl = load_template("t_cell_exhaustion")
+    a, b = gate_sample(sample, "s", {}, tpl, Options()), gate_sample(whole, "s", {}, tpl, Options())
+    assert (a.populations, a.intensities, a.gates) == (b.populations, b.intensities, b.gates)
