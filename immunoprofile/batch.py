@@ -2,15 +2,21 @@
 
 A run (:func:`run_gate`) goes through these steps, each logged to ``run.log``:
 
-1. take the output folder's lock (a second run exits at once) and repair what an
-   interrupted run left (:func:`immunoprofile.report.recover`);
-2. hash every input file; a file whose size or mtime changes while it is read (still
-   being written) or that is younger than ``min_age`` is *deferred*, not failed;
-3. FMO controls, then stained samples (whose thresholds depend on them): each unit of
-   work is looked up in the cache (:mod:`immunoprofile.cache`) and otherwise sent to the
-   executor (this process, a process pool or a Dask cluster); results are sorted, so
-   they never depend on the order in which workers finish;
-4. files that changed during the run are deferred; too many failures abort the run;
+1. take the output folder's lock (a second run exits at once), start the worker processes
+   (they import the gating stack meanwhile) and repair what an interrupted run left
+   (:func:`immunoprofile.report.recover`);
+2. stat every input file: a file younger than ``min_age`` is *deferred*, not failed; a
+   file's sha256 comes from the path index when its state (device, inode, size, mtime,
+   ctime) is the recorded one, is computed here only when cached results could be reused
+   (the cache is in use and the file was touched or changed), and otherwise comes from the
+   worker that gates it;
+3. one stream of work: every FMO control is looked up in the cache
+   (:mod:`immunoprofile.cache`) or queued, then the stained samples that need no control;
+   when the last control of a batch finishes, that batch's stained samples are queued with
+   its thresholds. Work runs on the executor (this process, a process pool or a Dask
+   cluster); results are sorted, so they never depend on the order in which workers finish;
+4. files that changed while a worker read them, or during the run, are deferred; too many
+   failures abort the run;
 5. tables, ``run.log``, the database and ``manifest.json`` are written into a staging
    folder that replaces the output folder in one atomic step.
 
@@ -39,7 +45,7 @@ from typing import Any
 import pandas as pd
 
 from . import __version__, panel, provenance
-from .cache import SampleCache, make_key, program_fingerprint
+from .cache import FileState, PathIndex, SampleCache, make_key, program_fingerprint
 from .errors import EXIT_OK, EXIT_SAMPLES_FAILED, AbortedError, ImmunoprofileError, SampleError, UsageError
 from .executor import make_executor
 from .gating import FmoKey, FmoValue
@@ -54,7 +60,7 @@ from .report import (
 from .samplesheet import extra_columns
 from .stats import GATE_COLUMNS, INTENSITY_COLUMNS, POPULATION_COLUMNS
 from .templates import Template
-from .work import Task, TaskResult, failure_row
+from .work import Task, TaskResult, failure_row, file_stat
 
 log = logging.getLogger(__name__)
 
@@ -185,15 +191,20 @@ class _Item:
     path: str
     size: int | None = None
     mtime_ns: int | None = None
+    state: FileState | None = None  # (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns) when the run started
+    checked_ns: int = 0  # when ``state`` was taken
     sha256: str | None = None
     status: str = ""  # ok | skipped | failed | deferred | ignored
     key: str | None = None
+    key_parts: dict[str, Any] = field(default_factory=dict)  # the cache key without the file's sha256
     output: SampleOutput | None = None
     fmo_values: dict[FmoKey, FmoValue] | None = None
     failure: dict[str, Any] | None = None
     reason: str = ""
     worker: str = ""
     seconds: float = 0.0
+    started: float = 0.0  # time.time() on the worker when the work started and ended
+    finished: float = 0.0
 
     @property
     def sample_id(self) -> str:
@@ -328,6 +339,10 @@ class _Run:
         self.fingerprint = program_fingerprint()
         self.summary = RunSummary(run_id=self.run_id, out_dir=str(shown))
         self.cache = SampleCache(work_area(out) / "cache", enabled=not settings.force)
+        self.index = PathIndex(self.cache.folder).load()
+        self._index_pending: list[tuple[str, FileState, str, int]] = []  # (path, state, sha256, checked_ns)
+        self._queued_samples = 0
+        self._deferred_groups: dict[tuple[str, str, str], bool] = {}
         self.items = [_Item(i, row, chosen[i], "control" if row["control"] else "sample",
                             os.path.abspath(str(row["path"])))
                       for i, row in enumerate(samples.to_dict("records"))]
@@ -335,6 +350,7 @@ class _Run:
         self.fmo: dict[tuple[str, str, str], dict[FmoKey, FmoValue]] = {}
         self.fmo_panels: set[tuple[str, str]] = set()
         self.hints_memo: dict[tuple[str, str], dict[str, str] | None] = {}
+        self._hash_pool: Any = None
         self.stage: Path | None = None
         self.log_handler: logging.Handler | None = None
         self.db_path: Path | None = None
@@ -348,6 +364,8 @@ class _Run:
         saved_level = logger.level
         try:
             try:
+                if self._expect_work():  # the workers start (and import) while this process prepares
+                    getattr(self.executor, "warm_up", lambda: None)()
                 repaired = recover(self.out)
                 self.cache.clean_temporary()
                 self.stage = staging_dir(self.out, self.run_id)
@@ -357,13 +375,9 @@ class _Run:
                     log.warning("%s", msg)
                 self._header()
                 self._open_database()
-                self._start_hashing()
-                if self._expect_work():
-                    getattr(self.executor, "warm_up", lambda: None)()
-                self._apply_deferrals("control")
-                self._timed("controls", self._phase_controls)
-                self._apply_deferrals("sample")
-                self._timed("samples", self._phase_samples)
+                self._inspect_inputs()
+                self.phases["startup"] = round(time.perf_counter() - self.t0, 3)
+                self._schedule()
                 self._final_checks()
                 self._check_abort(final=True)
                 self._finish()
@@ -379,7 +393,7 @@ class _Run:
 
     def _expect_work(self) -> bool:
         """Whether much gating is likely (``--force``, or fewer cache entries than samples): then the
-        worker processes are started at once, while the files are hashed."""
+        worker processes are started at once, while this process prepares the run."""
         if not self.cache.enabled:
             return True
         n = 0
@@ -388,11 +402,6 @@ class _Run:
                 if n >= len(self.items):
                     return False
         return n < len(self.items)
-
-    def _timed(self, phase: str, fn: Callable[[], None]) -> None:
-        t0 = time.perf_counter()
-        fn()
-        self.phases[phase] = round(time.perf_counter() - t0, 3)
 
     def _header(self) -> None:
         s = self.settings
@@ -474,56 +483,78 @@ class _Run:
                  " (shared)" if self.db_external else "")
 
     # ------------------------------------------------------------------------------ inputs
-    def _start_hashing(self) -> None:
-        """Hash every file once, in background threads: FMO controls first, then stained samples.
+    def _inspect_inputs(self) -> None:
+        """Stat every file; defer young ones; find each file's sha256 where a cache hit is possible.
 
-        The stained samples are hashed while the controls are gated; :meth:`_hashed` waits for
-        one file, :meth:`_apply_deferrals` for a group of them.
+        A file is hashed here only if its results could come from the cache: the cache is in
+        use and the path index (:class:`~immunoprofile.cache.PathIndex`) has an entry for the
+        path whose recorded state differs from the file's (touched, or changed); an entry with
+        the same state gives its sha256 without reading the file. A path the index does not
+        know cannot have cached results (the path is part of every key): the worker's sha256
+        makes its key. Hashing runs in background threads, FMO controls first; :meth:`_hashed`
+        waits for one file.
         """
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._hash_pool = ThreadPoolExecutor(max_workers=max(1, min(4, self.settings.jobs)),
-                                             thread_name_prefix="immunoprofile-hash")
-        order = sorted(self.items, key=lambda it: it.kind != "control")
-        self._hash_futures = {it.index: self._hash_pool.submit(self._hash_item, it) for it in order}
-        self._hash_pool.shutdown(wait=False)
-
-    def _hashed(self, it: _Item) -> _Item:
-        self._hash_futures[it.index].result()
-        return it
-
-    def _apply_deferrals(self, kind: str) -> None:
-        """Wait for the hashes of ``kind``'s files; defer those that change or are too young."""
         t0 = time.perf_counter()
-        items = [self._hashed(it) for it in self.items if it.kind == kind]
-        for it in items:
+        legacy = self.cache.enabled and not self.index.found and self.cache.has_entries()
+        if legacy:
+            log.info("no path index in the cache (a cache from an older immunoprofile): hashing every file")
+        to_hash: list[_Item] = []
+        counts = {"same": 0, "changed": 0, "unknown": 0}
+        for it in sorted(self.items, key=lambda i: i.kind != "control"):
+            it.checked_ns = time.time_ns()
+            it.state = file_stat(it.path)
+            if it.state is None:
+                continue  # missing, or not a file: the worker reports it with the reader's message
+            it.size, it.mtime_ns = it.state[2], it.state[3]
+            age = time.time() - it.mtime_ns / 1e9
+            if self.settings.min_age and age < self.settings.min_age:
+                it.reason = f"modified {age:.0f} s ago, less than --min-age {self.settings.min_age:g} s"
+                continue
+            if not self.cache.enabled:
+                continue
+            what, sha = self.index.lookup(it.path, it.state)
+            counts[what] += 1
+            if what == "same":
+                it.sha256 = sha
+            elif what == "changed" or legacy:
+                to_hash.append(it)
+        if to_hash:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._hash_pool = ThreadPoolExecutor(max_workers=max(1, min(4, self.settings.jobs)),
+                                                 thread_name_prefix="immunoprofile-hash")
+            self._hash_futures = {it.index: self._hash_pool.submit(self._hash_item, it) for it in to_hash}
+            self._hash_pool.shutdown(wait=False)
+        for it in self.items:
             if it.reason:
                 self._defer(it, it.reason)
-        size = sum(it.size or 0 for it in items)
-        log.info("hashed %d %s (%.0f MB; waited %.2f s)", len(items),
-                 "FMO control files" if kind == "control" else "sample files", size / 1e6, time.perf_counter() - t0)
+        log.info("inputs: %d files (%.0f MB) in %.2f s; path index: %d unchanged, %d changed or touched (hashed "
+                 "here), %d new (hashed by the workers)%s", len(self.items),
+                 sum(it.size or 0 for it in self.items) / 1e6, time.perf_counter() - t0, counts["same"],
+                 len(to_hash), counts["unknown"] - (len(to_hash) - counts["changed"]),
+                 "" if self.cache.enabled else " (--force: nothing hashed here)")
+
+    def _hashed(self, it: _Item) -> _Item:
+        fut = self._hash_futures.get(it.index)
+        if fut is not None:
+            fut.result()
+            if it.reason and it.status != "deferred":
+                self._defer(it, it.reason)
+        return it
 
     def _hash_item(self, it: _Item) -> None:
-        try:
-            st0 = os.stat(it.path)
-        except OSError:
-            return  # the worker reports the missing file with the reader's message
-        if not os.path.isfile(it.path):
-            return
-        it.size, it.mtime_ns = st0.st_size, st0.st_mtime_ns
-        age = time.time() - st0.st_mtime
-        if self.settings.min_age and age < self.settings.min_age:
-            it.reason = f"modified {age:.0f} s ago, less than --min-age {self.settings.min_age:g} s"
-            return
+        """sha256 of a file whose cached results may be reused; records it in the path index."""
         try:
             sha = sha256_file(it.path)
-            st1 = os.stat(it.path)
         except OSError:
-            return
-        if (st1.st_size, st1.st_mtime_ns) != (st0.st_size, st0.st_mtime_ns):
+            return  # the worker reports the unreadable file
+        after = file_stat(it.path)
+        if after is None or after[2:4] != it.state[2:4]:
             it.reason = "the file changed while it was read (still being written?)"
             return
         it.sha256 = sha
+        if after == it.state:
+            self._index_pending.append((it.path, it.state, sha, it.checked_ns))
 
     def _defer(self, it: _Item, reason: str) -> None:
         if it.status == "deferred":
@@ -548,150 +579,173 @@ class _Run:
         if it.status in ("ok", "skipped") and it.kind == "control":
             sm.controls -= 1
 
-    # ------------------------------------------------------------------------------ phase 1: FMO controls
-    def _phase_controls(self) -> None:
-        self._prefetch_hints()
-        tasks: list[Task] = []
+    # ------------------------------------------------------------------------------ the schedule
+    def _schedule(self) -> None:
+        """Gate everything in one stream: FMO controls, and stained samples as soon as they can run.
+
+        Every FMO control is queued first, then the stained samples whose batch needs no
+        control; when the last control of a (template, batch, panel) group finishes, that
+        group's stained samples are queued with its thresholds. ``phase_seconds`` records
+        ``controls`` (until the last control finished) and ``samples`` (the rest).
+        """
+        t0 = time.perf_counter()
         for it in self.items:
-            if it.kind != "control":
+            if it.kind == "control" and it.template is not None:
+                self.fmo_panels.add((it.template.name, it.row["panel"]))  # even if deferred
+        running: dict[tuple[str, str, str], int] = {}
+        held: dict[tuple[str, str, str], list[_Item]] = {}
+        for it in self.items:
+            if it.kind == "control" and self._start_control(it):
+                running[it.group] = running.get(it.group, 0) + 1
+        for it in self.items:
+            if it.kind != "sample" or it.status:
                 continue
-            tpl = it.template
-            if tpl is not None:
-                self.fmo_panels.add((tpl.name, it.row["panel"]))  # the run has FMOs for this panel (even if deferred)
-            if it.status == "deferred":
-                continue
-            if tpl is None:
-                self._fail(it, failure_row(it.sample_id, it.file, "template", _panel_error(it.row, self.templates)))
-                continue
-            if template_marker_for(tpl, it.row["control"]) is None:
-                it.status = "ignored"
-                self.summary.ignored += 1
-                log.info("%s: %s is not used by template %s; skipped", it.sample_id, it.row["control"], tpl.name)
-                continue
-            hints = self._hints_for(it)
-            task = Task(it.index, "control", it.sample_id, it.path, it.file, tpl, self.options,
-                        control=it.row["control"], hints=hints)
-            if it.sha256 is not None:
-                it.key = make_key("control", {
-                    "file_sha256": it.sha256, "path": it.path, "sample_id": it.sample_id,
-                    "control": it.row["control"], "template": self._template_key(tpl), "options": self.options_sha,
-                    "hints": sorted((hints or {}).items())})
-                if self._from_cache(it):
-                    continue
-            tasks.append(task)
+            if it.template is not None and running.get(it.group):
+                held.setdefault(it.group, []).append(it)
+            else:
+                self._start_sample(it)
         self._check_abort()
-        self._consume(tasks)
-        for it in self.items:  # in sheet order, as the thresholds of one batch are merged
-            if it.kind == "control" and it.status in ("ok", "skipped") and it.fmo_values is not None:
-                self.fmo.setdefault(it.group, {}).update(it.fmo_values)
+        queued = sum(running.values()) + self._queued_samples
+        if queued:
+            log.info("gating %d FMO control(s) and %d sample(s) (%d waiting for their controls) with %s",
+                     sum(running.values()), self._queued_samples + sum(len(v) for v in held.values()),
+                     sum(len(v) for v in held.values()), self.executor.name)
+        controls_left = sum(running.values())
+        if not controls_left:
+            self.phases["controls"] = round(time.perf_counter() - t0, 3)
+        t_samples = time.perf_counter()
+        for res in self.executor.completed():
+            it = self.items[res.index]
+            self._take(it, res)
+            if it.kind == "control":
+                running[it.group] -= 1
+                controls_left -= 1
+                if not running[it.group]:
+                    for sample in held.pop(it.group, []):
+                        self._start_sample(sample)
+                if not controls_left:
+                    t_samples = time.perf_counter()
+                    self.phases["controls"] = round(t_samples - t0, 3)
+            self._check_abort()
+        self.phases["samples"] = round(time.perf_counter() - t_samples, 3)
+
+    def _start_control(self, it: _Item) -> bool:
+        """Reuse an FMO control's results or queue it; True if it was queued."""
+        tpl = it.template
+        if it.status == "deferred":
+            return False
+        if tpl is None:
+            self._fail(it, failure_row(it.sample_id, it.file, "template", _panel_error(it.row, self.templates)))
+            self._hash_unqueued(it)
+            return False
+        if template_marker_for(tpl, it.row["control"]) is None:
+            it.status = "ignored"
+            self.summary.ignored += 1
+            log.info("%s: %s is not used by template %s; skipped", it.sample_id, it.row["control"], tpl.name)
+            self._hash_unqueued(it)
+            return False
+        hints = self._hints_for(it)
+        it.key_parts = {"path": it.path, "sample_id": it.sample_id, "control": it.row["control"],
+                        "template": self._template_key(tpl), "options": self.options_sha,
+                        "hints": sorted((hints or {}).items())}
+        if self._lookup(it):
+            return False
+        self.executor.submit(Task(it.index, "control", it.sample_id, it.path, it.file, tpl, self.options,
+                                  control=it.row["control"], hints=hints))
+        return True
+
+    def _start_sample(self, it: _Item) -> None:
+        """Reuse a stained sample's results or queue it (its batch's FMO controls are done)."""
+        tpl = it.template
+        if tpl is None:
+            self._fail(it, failure_row(it.sample_id, it.file, "template", _panel_error(it.row, self.templates)))
+            self._hash_unqueued(it)
+            return
+        if self._group_deferred(it.group):
+            self._defer(it, f"an FMO control of batch {it.row['batch']!r} is deferred")
+            return
+        meta = {k: v for k, v in it.row.items() if k != "path"}
+        fmo = self._group_fmo(it.group)
+        available = (tpl.name, it.row["panel"]) in self.fmo_panels
+        it.key_parts = {"path": it.path, "meta": sorted(meta.items()), "extra_columns": list(self.extras),
+                        "template": self._template_key(tpl), "options": self.options_sha,
+                        "fmo_available": available,
+                        "fmo": sorted([k[0], k[1], repr(float(v.value)), v.sample_id, int(v.n_events)]
+                                      for k, v in fmo.items())}
+        if self._lookup(it):
+            return
+        self._queued_samples += 1
+        self.executor.submit(Task(it.index, "sample", it.sample_id, it.path, it.file, tpl, self.options, meta=meta,
+                                  fmo=fmo, fmo_available=available, extra_columns=self.extras))
+
+    def _group_deferred(self, group: tuple[str, str, str]) -> bool:
+        """Whether an FMO control of a group whose controls are done was deferred."""
+        if group not in self._deferred_groups:
+            self._deferred_groups[group] = any(c.kind == "control" and c.group == group and c.status == "deferred"
+                                               for c in self.items)
+        return self._deferred_groups[group]
+
+    def _group_fmo(self, group: tuple[str, str, str]) -> dict[FmoKey, FmoValue]:
+        """The FMO thresholds of a group whose controls are done, merged in sheet order."""
+        if group not in self.fmo:
+            merged: dict[FmoKey, FmoValue] = {}
+            for c in self.items:
+                if c.kind == "control" and c.group == group and c.status in ("ok", "skipped") and c.fmo_values:
+                    merged.update(c.fmo_values)
+            self.fmo[group] = merged
+        return self.fmo[group]
+
+    def _hash_unqueued(self, it: _Item) -> None:
+        """sha256 for the manifest of a file that is not gated (an unused FMO control, an unknown panel)."""
+        if it.sha256 is None and it.state is not None and not it.reason:
+            it.sha256 = sha256_file(it.path) if it.index not in self._hash_futures else self._hashed(it).sha256
 
     def _hints_for(self, control: _Item) -> dict[str, str]:
-        """Channel names of the FMO markers, from the first stained sample of the same batch that has them."""
+        """Channel names of the FMO markers, from the first stained sample of the same batch that has them.
+
+        Only the samples' HEADER and TEXT are read (:func:`immunoprofile.fcs.read_fcs_metadata`).
+        """
         want = panel.canonical(control.row["control"].split(":", 1)[1])
         for other in self.items:
             if (other.kind != "sample" or other.template is not control.template
                     or other.row["batch"] != control.row["batch"] or other.row["panel"] != control.row["panel"]):
                 continue
-            if self._hashed(other).reason or other.sha256 is None:  # still being written, or unreadable
+            if other.reason or other.state is None:  # too young, or missing
                 continue
             hints = self._hints_of(other)
             if hints is not None and any(panel.canonical(m) == want for m in hints):
                 return hints
         return {}
 
-    def _hints_key(self, it: _Item) -> str:
-        return make_key("hints", {"file_sha256": it.sha256, "template": self._template_key(it.template),
-                                  "dataset": self.options.dataset})
-
     def _hints_of(self, it: _Item) -> dict[str, str] | None:
-        """Channel hints of one stained file: remembered, cached, or read here."""
-        from .fcs import read_fcs
+        """Channel hints of one stained file (None if its HEADER or TEXT cannot be read)."""
+        from .fcs import read_fcs_metadata
 
-        assert it.sha256 is not None
-        memo = (it.sha256, it.template.sha256)
-        if memo in self.hints_memo:
-            return self.hints_memo[memo]
-        key = self._hints_key(it)
-        cached = self.cache.get(key)
-        if cached is not None:
-            hints = cached["hints"]
-        else:
+        memo = (it.path, it.template.sha256)
+        if memo not in self.hints_memo:
             try:
-                hints = channel_hints(read_fcs(it.path, dataset=self.options.dataset), it.template)
+                meta = read_fcs_metadata(it.path, dataset=self.options.dataset)
             except ImmunoprofileError:
-                hints = None
-            self.cache.put(key, {"hints": hints})
-        self.hints_memo[memo] = hints
-        return hints
-
-    def _prefetch_hints(self) -> None:
-        """Read the first stained file of each batch with FMO controls in the workers, all at once."""
-        wanted: dict[tuple[str, str], _Item] = {}
-        for c in self.items:
-            if c.kind != "control" or c.template is None or c.status:
-                continue
-            for other in self.items:
-                if (other.kind == "sample" and other.template is c.template and other.row["batch"] == c.row["batch"]
-                        and other.row["panel"] == c.row["panel"] and not self._hashed(other).reason
-                        and other.sha256 is not None):
-                    memo = (other.sha256, other.template.sha256)
-                    if memo not in self.hints_memo and memo not in wanted:
-                        cached = self.cache.get(self._hints_key(other))
-                        if cached is not None:
-                            self.hints_memo[memo] = cached["hints"]
-                        else:
-                            wanted[memo] = other
-                    break
-        if len(wanted) < 2:
-            return  # not worth a round trip: read here if needed
-        tasks = [Task(it.index, "hints", it.sample_id, it.path, it.file, it.template, self.options,
-                      file_sha256=it.sha256) for it in wanted.values()]
-        by_index = {it.index: (memo, it) for memo, it in wanted.items()}
-        for res in self.executor.run(tasks):
-            self._check_worker(res)
-            memo, it = by_index[res.index]
-            if res.error is None and res.hints is not None:  # else read here, where errors are handled
-                self.hints_memo[memo] = res.hints
-                self.cache.put(self._hints_key(it), {"hints": res.hints})
+                self.hints_memo[memo] = None  # its own task reports the error
+            else:
+                self.hints_memo[memo] = channel_hints(meta, it.template)  # type: ignore[arg-type]
+        return self.hints_memo[memo]
 
     def _template_key(self, tpl: Any) -> dict[str, Any]:
         return {"sha256": tpl.sha256, "files": self.template_inputs.get(id(tpl), [])}
 
-    # ------------------------------------------------------------------------------ phase 2: stained samples
-    def _phase_samples(self) -> None:
-        deferred_groups = {it.group for it in self.items if it.kind == "control" and it.status == "deferred"}
-        tasks: list[Task] = []
-        for it in self.items:
-            if it.kind != "sample" or it.status:
-                continue
-            tpl = it.template
-            if tpl is None:
-                self._fail(it, failure_row(it.sample_id, it.file, "template", _panel_error(it.row, self.templates)))
-                continue
-            if it.group in deferred_groups:
-                self._defer(it, f"an FMO control of batch {it.row['batch']!r} is deferred")
-                continue
-            meta = {k: v for k, v in it.row.items() if k != "path"}
-            fmo = self.fmo.get(it.group, {})
-            available = (tpl.name, it.row["panel"]) in self.fmo_panels
-            task = Task(it.index, "sample", it.sample_id, it.path, it.file, tpl, self.options, meta=meta, fmo=fmo,
-                        fmo_available=available, extra_columns=self.extras)
-            if it.sha256 is not None:
-                it.key = make_key("sample", {
-                    "file_sha256": it.sha256, "path": it.path, "meta": sorted(meta.items()),
-                    "extra_columns": list(self.extras), "template": self._template_key(tpl),
-                    "options": self.options_sha, "fmo_available": available,
-                    "fmo": sorted([k[0], k[1], repr(float(v.value)), v.sample_id, int(v.n_events)]
-                                  for k, v in fmo.items())})
-                if self._from_cache(it):
-                    continue
-            tasks.append(task)
-        self._check_abort()
-        self._consume(tasks)
-
     # ------------------------------------------------------------------------------ results
-    def _from_cache(self, it: _Item) -> bool:
-        assert it.key is not None
+    def _key(self, it: _Item, sha256: str) -> str:
+        return make_key(it.kind, {**it.key_parts, "file_sha256": sha256})
+
+    def _lookup(self, it: _Item) -> bool:
+        """Reuse cached results of ``it`` if its sha256 is known here and an entry exists; True if reused."""
+        self._hashed(it)
+        if it.status == "deferred":
+            return True
+        if it.sha256 is None:
+            return False
+        it.key = self._key(it, it.sha256)
         hit = self.cache.get(it.key)
         if hit is None:
             return False
@@ -707,37 +761,42 @@ class _Run:
         self._progress(it.sample_id)
         return True
 
-    def _consume(self, tasks: list[Task]) -> None:
-        if not tasks:
+    def _take(self, it: _Item, res: TaskResult) -> None:
+        """One task's result: defer, fail or keep it; remember it in the cache and the path index."""
+        self._check_worker(res)
+        it.worker, it.seconds = res.worker, res.seconds
+        it.started, it.finished = res.started, res.finished
+        log.debug("%s: %s task ran on %s from %.6f to %.6f (epoch seconds)", it.sample_id, it.kind, res.worker,
+                  res.started, res.finished)
+        w = self.summary.workers.setdefault(res.worker or "?", {"tasks": 0, "peak_rss": 0, "seconds": 0.0})
+        w["tasks"] += 1
+        w["peak_rss"] = max(w["peak_rss"], res.peak_rss)
+        w["seconds"] += res.seconds
+        if res.file_stat is not None and res.file_sha256 and not res.changed and res.file_stat == res.file_stat_after:
+            self._index_pending.append((it.path, res.file_stat, res.file_sha256, res.stat_time_ns))
+        if res.changed:
+            self._defer(it, "the file changed while it was read (still being written?)")
             return
-        log.info("gating %d %s with %s", len(tasks), "FMO controls" if tasks[0].kind == "control" else "samples",
-                 self.executor.name)
-        for res in self.executor.run(tasks):
-            it = self.items[res.index]
-            self._check_worker(res)
-            it.worker, it.seconds = res.worker, res.seconds
-            w = self.summary.workers.setdefault(res.worker or "?", {"tasks": 0, "peak_rss": 0, "seconds": 0.0})
-            w["tasks"] += 1
-            w["peak_rss"] = max(w["peak_rss"], res.peak_rss)
-            w["seconds"] += res.seconds
-            if res.error is not None:
-                if it.key is not None and res.error["code"] not in TRANSIENT_CODES:
-                    self.cache.put(it.key, {"error": {k: v for k, v in res.error.items() if k != "traceback"}})
-                self._fail(it, res.error)
-            elif it.sha256 is not None and res.output.file_sha256 != it.sha256:
-                self._defer(it, "the file changed during the run (still being written?)")
-            else:
-                it.output, it.fmo_values, it.status = res.output, res.fmo_values, "ok"
-                self.summary.ok += 1
-                self.summary.events += res.output.n_events
-                if it.kind == "control":
-                    self.summary.controls += 1
-                if it.key is not None:
-                    self.cache.put(it.key, {"output": res.output, "fmo_values": res.fmo_values})
-                log.info("%s: %d events gated in %.2f s (%s)", it.sample_id, res.output.n_events, res.seconds,
-                         res.worker)
-                self._progress(it.sample_id)
-            self._check_abort()
+        if it.sha256 is not None and res.file_sha256 and res.file_sha256 != it.sha256:
+            self._defer(it, "the file changed during the run (still being written?)")
+            return
+        if it.sha256 is None and res.file_sha256:
+            it.sha256 = res.file_sha256
+            it.key = self._key(it, it.sha256)
+        if res.error is not None:
+            if it.key is not None and res.error["code"] not in TRANSIENT_CODES:
+                self.cache.put(it.key, {"error": {k: v for k, v in res.error.items() if k != "traceback"}})
+            self._fail(it, res.error)
+            return
+        it.output, it.fmo_values, it.status = res.output, res.fmo_values, "ok"
+        self.summary.ok += 1
+        self.summary.events += res.output.n_events
+        if it.kind == "control":
+            self.summary.controls += 1
+        if it.key is not None:
+            self.cache.put(it.key, {"output": res.output, "fmo_values": res.fmo_values})
+        log.info("%s: %d events gated in %.2f s (%s)", it.sample_id, res.output.n_events, res.seconds, res.worker)
+        self._progress(it.sample_id)
 
     def _check_worker(self, res: TaskResult) -> None:
         self._emit_worker_logs(res)
@@ -776,7 +835,7 @@ class _Run:
                                hint="check the template and the sample sheet; see failures in the log")
 
     def _final_checks(self) -> None:
-        """Defer files whose size or mtime changed since they were hashed (and what depends on them)."""
+        """Defer files whose size or mtime changed since the run stat-ed them (and what depends on them)."""
         changed_groups = set()
         for it in self.items:
             if it.size is None or it.status in ("deferred", "ignored"):
@@ -833,6 +892,17 @@ class _Run:
         self.stage = None
         (work_area(self.out) / "last-aborted-run.log").unlink(missing_ok=True)
         self.cache.prune(self.cache.used)
+        self._save_index()
+
+    def _save_index(self) -> None:
+        """Remember the sha256 of the files hashed by this run (here or by the workers) in the path index."""
+        for path, state, sha, checked_ns in self._index_pending:
+            self.index.record(path, state, sha, checked_ns)
+        self._index_pending = []
+        try:
+            self.index.save()
+        except OSError as e:  # only a hint: the next run hashes the files again
+            log.warning("could not write the path index %s (%s)", self.index.path, e)
 
     def _log_summary(self) -> None:
         sm = self.summary
@@ -849,9 +919,8 @@ class _Run:
 
     def _abandon(self, err: BaseException) -> None:
         """An aborted or interrupted run: stop the workers, keep the previous results, save the log."""
-        pool = getattr(self, "_hash_pool", None)
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        if self._hash_pool is not None:
+            self._hash_pool.shutdown(wait=False, cancel_futures=True)
         try:
             self.executor.cancel()
         except Exception:  # noqa: BLE001 - best effort while failing
@@ -867,6 +936,8 @@ class _Run:
             log.error("run %s failed: %s", self.run_id, err, exc_info=True)
         if self.db_external and self.db_path is not None:
             provenance.record_abandoned(self, kind, str(err))
+        if not isinstance(err, KeyboardInterrupt):
+            self._save_index()  # the cache entries this run wrote are found again by the next
         self._close_log()
         if self.stage is not None:
             saved = work_area(self.out) / "last-aborted-run.log"

@@ -13,6 +13,11 @@ results, written to a temporary name and renamed, so a crash (``kill -9``
 included) leaves either a whole entry or none. An unreadable entry is a miss.
 Entries hold only what immunoprofile wrote; do not point the cache at files
 from people you do not trust (pickle).
+
+Beside the entries, :class:`PathIndex` (``<cache>/paths.json``) remembers the sha256 of
+each input file together with the file's state (device, inode, size, modification and
+change times in nanoseconds), so that an unchanged file need not be read again to find
+its sha256, as git's index and make do.
 """
 
 from __future__ import annotations
@@ -34,6 +39,14 @@ log = logging.getLogger(__name__)
 RESULT_DEPENDENCIES = ("flowkit", "flowutils", "flowio", "numpy", "scipy", "scikit-learn", "pandas")
 _MAGIC = b"IPCACHE1"
 _fingerprint: str | None = None
+#: the path index's file name, in the cache folder
+INDEX_NAME = "paths.json"
+#: a file changed less than this long before its state was recorded may change again within the
+#: same timestamp tick (coarse file-system clocks, 2 s on FAT) without its state showing it: such a
+#: "racily clean" entry (git's term) is checked by hashing the file the next time
+RACY_SECONDS = 3.0
+#: ``(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)``
+FileState = tuple[int, int, int, int, int]
 
 
 def program_fingerprint() -> str:
@@ -110,7 +123,7 @@ def make_key(kind: str, parts: dict[str, Any]) -> str:
     Parameters
     ----------
     kind
-        ``'sample'``, ``'control'`` or ``'hints'``.
+        ``'sample'`` or ``'control'``.
     parts
         JSON-serialisable description (floats are written exactly, with ``repr``).
 
@@ -203,10 +216,14 @@ class SampleCache:
         """Remove half-written entries left by a killed run; returns how many."""
         n = 0
         if self.folder.is_dir():
-            for p in self.folder.glob("*/*.tmp-*"):
+            for p in [*self.folder.glob("*/*.tmp-*"), *self.folder.glob(f".{INDEX_NAME}.tmp*")]:
                 p.unlink(missing_ok=True)
                 n += 1
         return n
+
+    def has_entries(self) -> bool:
+        """Whether the folder holds at least one entry."""
+        return self.folder.is_dir() and next(self.folder.glob("*/*.pkl"), None) is not None
 
     def prune(self, keep: Iterable[str], max_age_days: float = 7.0) -> int:
         """Remove entries not in ``keep`` that were written more than ``max_age_days`` ago; returns how many.
@@ -230,3 +247,100 @@ class SampleCache:
                 if d.is_dir() and not any(d.iterdir()):
                     d.rmdir()
         return n
+
+
+class PathIndex:
+    """The sha256 of input files by path and file state, to skip hashing files that did not change.
+
+    An entry maps an absolute path to the file's :data:`FileState` when it was hashed
+    (``st_dev``, ``st_ino``, ``st_size``, ``st_mtime_ns``, ``st_ctime_ns``), its sha256, and
+    when that state was taken. A file whose state is exactly the recorded one has the recorded
+    sha256: writing a file changes its size or its modification time, and every change
+    (``touch``, ``cp -p``, ``rsync -t``, replacing the file) changes its change time or its
+    inode, which no user can set. As in git, an entry taken less than :data:`RACY_SECONDS`
+    after the file last changed is *racy* (a write in the same clock tick would not show) and
+    counts as changed. The index is a hint: a wrong or lost entry only costs a hash or a
+    reuse, never a wrong result, since the worker's own sha256 is compared with the one used.
+
+    Parameters
+    ----------
+    folder
+        The cache folder; the index is ``folder/paths.json``, written atomically.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.path = Path(folder) / INDEX_NAME
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.found = False
+        self._dirty = False
+
+    def load(self) -> PathIndex:
+        """Read the index (absent or damaged: empty, with a warning for damage); returns self."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except OSError:
+            return self
+        try:
+            doc = json.loads(text)
+            entries = doc["paths"]
+            if doc.get("version") != 1 or not isinstance(entries, dict):
+                raise ValueError("unknown layout")
+            for e in entries.values():
+                if len(e["state"]) != 5 or len(e["sha256"]) != 64:
+                    raise ValueError("bad entry")
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring a damaged path index %s (%s); files will be hashed again", self.path, e)
+            return self
+        self.entries, self.found = entries, True
+        return self
+
+    def lookup(self, path: str, state: FileState | None) -> tuple[str, str | None]:
+        """What the index knows of ``path`` in ``state``.
+
+        Returns
+        -------
+        tuple
+            ``('same', sha256)``: the recorded state, exactly (and not racy);
+            ``('changed', None)``: an entry, but another (or a racy) state: hash the file;
+            ``('unknown', None)``: no entry for this path.
+        """
+        e = self.entries.get(path)
+        if e is None or state is None:
+            return ("unknown", None) if e is None else ("changed", None)
+        e["seen"] = int(time.time())
+        self._dirty = True
+        if tuple(e["state"]) != tuple(state) or _racy(state, e["checked_ns"]):
+            return ("changed", None)
+        return ("same", e["sha256"])
+
+    def record(self, path: str, state: FileState, sha256: str, checked_ns: int) -> None:
+        """Remember that ``path`` in ``state`` (stat-ed at ``checked_ns``, ``time.time_ns()``) has ``sha256``."""
+        if not sha256:
+            return
+        self.entries[path] = {"state": list(state), "sha256": sha256, "checked_ns": int(checked_ns),
+                              "seen": int(time.time())}
+        self._dirty = True
+
+    def save(self, max_age_days: float = 7.0) -> None:
+        """Write the index atomically if it changed, without entries unused for ``max_age_days``.
+
+        Raises
+        ------
+        OSError
+            The index cannot be written (e.g. the disk is full).
+        """
+        if not self._dirty:
+            return
+        from .atomic import write_bytes_atomic
+
+        limit = time.time() - max_age_days * 86400.0
+        keep = {p: e for p, e in sorted(self.entries.items()) if e.get("seen", 0) >= limit}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"version": 1, "paths": keep}, sort_keys=True, separators=(",", ":"))
+        write_bytes_atomic(self.path, text.encode())
+        self.entries, self._dirty = keep, False
+
+
+def _racy(state: FileState, checked_ns: int) -> bool:
+    """The file changed too shortly before its state was recorded to trust the state alone."""
+    return max(state[3], state[4]) >= checked_ns - int(RACY_SECONDS * 1e9)

@@ -1,8 +1,14 @@
 """Where batch work runs: in this process, in a pool of local processes, or on a Dask cluster.
 
 Every executor runs :func:`immunoprofile.work.run_task` on :class:`~immunoprofile.work.Task`
-objects and yields :class:`~immunoprofile.work.TaskResult` objects as they complete;
-the batch sorts them, so the order of completion never shows in the results.
+objects. Work streams: :meth:`submit` queues a task at any time (also while results are
+being read), and :meth:`completed` yields :class:`~immunoprofile.work.TaskResult` objects as
+tasks finish, until none is left, tasks submitted meanwhile included. So the batch queues a
+batch's stained samples the moment its FMO controls are done, without a barrier; it sorts
+the results, so the order of completion never shows in the outputs.
+
+This module imports only the standard library when it is imported (:func:`prestart` runs
+before anything heavy is loaded); :mod:`immunoprofile.work` is imported on first use.
 """
 
 from __future__ import annotations
@@ -10,18 +16,46 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from collections.abc import Iterator, Sequence
-from typing import Any
+import sys
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
-from .work import Task, TaskResult, init_worker, run_task
+
+if TYPE_CHECKING:
+    from .work import Task, TaskResult
 
 log = logging.getLogger(__name__)
 
 EXECUTORS = ("process", "dask")
-#: imported once by the fork server, so that workers start with them loaded (shared, copy-on-write)
+#: imported once by the fork server, so that workers start with them loaded (shared, copy-on-write):
+#: what gating a file imports, measured (``immunoprofile.work`` brings the reader, templates,
+#: transforms, gating and statistics; the data-driven gates need scikit-learn's mixture, which
+#: brings scipy.stats and pandas, and scipy's peak finding and smoothing)
 PRELOAD = ("immunoprofile.work", "immunoprofile.pipeline", "immunoprofile.gating", "immunoprofile.stats",
-           "sklearn.mixture", "scipy.stats", "scipy.signal", "scipy.ndimage", "flowutils.gating", "threadpoolctl")
+           "sklearn.mixture", "scipy.stats", "scipy.signal", "scipy.ndimage", "flowutils.gating",
+           "flowutils.transforms", "threadpoolctl")
+_FROM_WORK = frozenset({"Task", "TaskResult", "run_task", "init_worker"})
+#: whether :func:`prestart` started the fork server, and whether a pool has used it since
+_fork_server = {"prestarted": False, "used": False}
+
+
+def __getattr__(name: str) -> Any:
+    """:mod:`immunoprofile.work`'s ``run_task``, ``Task``, ``TaskResult``, imported on first use."""
+    if name in _FROM_WORK:
+        from . import work
+
+        value = getattr(work, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _run_here(task: Task) -> TaskResult:
+    """Run a task in this process (looked up on the module, so tests can replace ``run_task``)."""
+    return sys.modules[__name__].run_task(task, capture_logs=False)
 
 
 def default_jobs() -> int:
@@ -32,31 +66,111 @@ def default_jobs() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _context() -> Any:
+    """The multiprocessing context of worker pools: forkserver (with :data:`PRELOAD`) where available, else spawn."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(list(PRELOAD))
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+def prestart(executor: str = "process", jobs: int | None = None) -> bool:
+    """Start the fork server now, so that its imports (about a second) overlap the caller's start-up.
+
+    Call it first thing in a command that will gate with ``jobs`` > 1 local processes; it
+    returns at once (the server imports :data:`PRELOAD` in its own process) and the pool of
+    :class:`ProcessExecutor` forks its workers from that server later. Nothing happens for
+    one job, for Dask, or where there is no fork server (then the workers start when the
+    pool does). Best effort: if the server cannot be started now, the pool tries again (and
+    reports the error). The server ends with this process, or at :func:`stop_prestarted`.
+
+    Returns
+    -------
+    bool
+        Whether a fork server is starting (or running).
+    """
+    if executor != "process" or (jobs if jobs is not None else default_jobs()) < 2:
+        return False
+    ctx = _context()
+    if ctx.get_start_method() != "forkserver":
+        return False
+    from multiprocessing import forkserver
+
+    try:
+        forkserver.ensure_running()
+    except OSError as e:
+        log.debug("could not start the fork server early (%s)", e)
+        return False
+    _fork_server["prestarted"], _fork_server["used"] = True, False
+    return True
+
+
+def stop_prestarted() -> None:
+    """End the fork server :func:`prestart` started if no pool used it (the run had nothing to gate).
+
+    Otherwise it would go on importing for up to a second after this process is done, on a
+    core of its own and holding this process's stdout and stderr open. A later pool in this
+    process starts a new one. Never raises.
+    """
+    if not _fork_server["prestarted"] or _fork_server["used"]:
+        return
+    _fork_server["prestarted"] = False
+    import signal
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    pid = getattr(server, "_forkserver_pid", None)
+    if not pid:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)  # it may be importing: it would notice our end only afterwards
+        server._stop()  # reaps it and forgets it, so that ensure_running() starts a new one
+    except (OSError, AttributeError, ChildProcessError) as e:
+        log.debug("stopping the unused fork server: %s", e)
+
+
 class SerialExecutor:
-    """Runs tasks one after the other in this process (``--jobs 1``)."""
+    """Runs tasks one after the other in this process (``--jobs 1``), in the order submitted."""
 
     name = "serial"
 
-    def run(self, tasks: Sequence[Task]) -> Iterator[TaskResult]:
+    def __init__(self) -> None:
+        self._queue: deque[Task] = deque()
+
+    def submit(self, task: Task) -> None:
+        """Queue ``task`` (run when :meth:`completed` reaches it)."""
+        self._queue.append(task)
+
+    def completed(self) -> Iterator[TaskResult]:
+        """Run queued tasks and yield their results, until the queue (refilled meanwhile or not) is empty."""
+        while self._queue:
+            yield _run_here(self._queue.popleft())
+
+    def run(self, tasks: Iterable[Task]) -> Iterator[TaskResult]:
+        """Submit ``tasks`` and yield every result."""
         for t in tasks:
-            yield run_task(t, capture_logs=False)
+            self.submit(t)
+        yield from self.completed()
 
     def cancel(self) -> None:
-        pass
+        self._queue.clear()
 
     def close(self) -> None:
-        pass
+        self._queue.clear()
 
 
 class ProcessExecutor:
     """A pool of ``jobs`` worker processes (forkserver where available, else spawn).
 
-    The pool starts on first use and is reused for both phases of a run. Workers ignore
-    Ctrl-C; :meth:`cancel` drops queued tasks and stops the workers at once.
+    The pool starts on first use (:meth:`warm_up` starts it in the background) and is
+    reused for the whole run. Workers ignore Ctrl-C; :meth:`cancel` drops queued tasks and
+    stops the workers at once.
 
     A worker that dies (killed by the out-of-memory killer, a crash in a C library) breaks
     the pool and loses every task in flight. Those tasks are run again, one at a time in a
-    fresh single-process pool, so only the task that kills its worker fails (``WORKER_DIED``).
+    fresh single-process pool, so only the task that kills its worker fails (``WORKER_DIED``);
+    tasks submitted meanwhile wait, and then go to a fresh pool of ``jobs`` workers.
     As with any spawned process pool, a script that calls this must guard its entry point
     with ``if __name__ == "__main__":``.
     """
@@ -66,32 +180,31 @@ class ProcessExecutor:
     def __init__(self, jobs: int) -> None:
         self.jobs = jobs
         self._pool: Any = None
-        self._pending: list[Any] = []
+        self._futures: dict[Any, Task] = {}
+        self._backlog: deque[Task] = deque()
+        self._recovering = False
 
     def _start(self, workers: int) -> Any:
         if self._pool is None:
             from concurrent.futures import ProcessPoolExecutor
 
-            methods = multiprocessing.get_all_start_methods()
-            ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-            if ctx.get_start_method() == "forkserver":
-                ctx.set_forkserver_preload(list(PRELOAD))
+            from .work import init_worker
+
+            _fork_server["used"] = True
             threads = max(1, default_jobs() // workers)
-            self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=init_worker,
+            self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=_context(), initializer=init_worker,
                                              initargs=(os.getpid(), threads))
         return self._pool
 
     def warm_up(self) -> None:
         """Start the workers now, in a background thread, so their start-up overlaps the caller's work."""
-        import threading
-
         pool = self._start(self.jobs)
 
         def spawn() -> None:
             try:
                 for _ in range(self.jobs):
                     pool.submit(os.getpid)
-            except RuntimeError:  # shut down meanwhile (the run was cancelled)
+            except RuntimeError:  # shut down meanwhile (the run was cancelled), or broken
                 pass
 
         threading.Thread(target=spawn, name="immunoprofile-warm-up", daemon=True).start()
@@ -101,43 +214,81 @@ class ProcessExecutor:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
-    def run(self, tasks: Sequence[Task]) -> Iterator[TaskResult]:
-        from concurrent.futures import as_completed
+    def submit(self, task: Task) -> None:
+        """Send ``task`` to a worker (or hold it while lost tasks are being run again)."""
+        if self._recovering or self._backlog:
+            self._backlog.append(task)
+            return
+        self._send(task)
+
+    def _send(self, task: Task) -> None:
         from concurrent.futures.process import BrokenProcessPool
 
-        if not tasks:
-            return
-        if len(tasks) == 1 and self._pool is None:  # not worth starting a pool (results are the same)
-            yield run_task(tasks[0], capture_logs=False)
-            return
-        lost: list[Task] = []
+        from .work import run_task
+
         try:
-            pool = self._start(self.jobs)
-            by_future = {pool.submit(run_task, t): t for t in tasks}
-        except BrokenProcessPool:
-            self._discard()
-            pool = self._start(self.jobs)
-            by_future = {pool.submit(run_task, t): t for t in tasks}
-        self._pending = list(by_future)
-        for fut in as_completed(self._pending):
-            try:
-                res = fut.result()
-            except BrokenProcessPool:
-                lost.append(by_future[fut])
-                continue
-            except Exception as e:  # noqa: BLE001 - e.g. a result that cannot be sent back
-                res = _result(fut, by_future[fut], e)
-            yield res
-        self._pending = []
-        if not lost:
+            fut = self._start(self.jobs).submit(run_task, task)
+        except BrokenProcessPool:  # a worker died: completed() restarts the pool, then sends it
+            self._backlog.append(task)
             return
+        self._futures[fut] = task
+
+    def completed(self) -> Iterator[TaskResult]:
+        """Yield results as tasks finish, until none is pending (tasks submitted meanwhile included)."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+        from concurrent.futures.process import BrokenProcessPool
+
+        while self._futures or self._backlog:
+            if not self._futures:
+                if self._pool is not None and getattr(self._pool, "_broken", False):
+                    self._discard()
+                while self._backlog and not self._futures:
+                    self._send(self._backlog.popleft())
+                if not self._futures:
+                    continue
+            done, _ = wait(list(self._futures), return_when=FIRST_COMPLETED)
+            lost: list[Task] = []
+            for fut in sorted(done, key=lambda f: self._futures[f].index):
+                task = self._futures.pop(fut)
+                try:
+                    res = fut.result()
+                except BrokenProcessPool:
+                    lost.append(task)
+                    self._recovering = True
+                    continue
+                except Exception as e:  # noqa: BLE001 - e.g. a result that cannot be sent back
+                    res = _result(fut, task, e)
+                yield res
+            if not lost:
+                continue
+            # the pool is broken: every task still in it ends at once, with its result or lost
+            self._recovering = True
+            rest = sorted(self._futures.items(), key=lambda kv: kv[1].index)
+            self._futures.clear()
+            for fut, task in rest:
+                try:
+                    res = fut.result()
+                except BrokenProcessPool:
+                    lost.append(task)
+                    continue
+                except Exception as e:  # noqa: BLE001
+                    res = _result(fut, task, e)
+                yield res
+            yield from self._recover(lost)
+
+    def _recover(self, lost: list[Task]) -> Iterator[TaskResult]:
+        """Run tasks a dead worker took down one at a time: the one that kills its worker fails."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        from .work import run_task
+
         log.warning("a worker process died; running the %d sample(s) it took down again, one at a time", len(lost))
+        self._recovering = True
         self._discard()
         queue = sorted(lost, key=lambda t: t.index)
         while queue:  # one worker: when it dies, the task it was running is the first unfinished one
             pool = self._start(1)
             futures = [pool.submit(run_task, t) for t in queue]
-            self._pending = futures
             done = 0
             for fut in futures:
                 broken = False
@@ -152,13 +303,19 @@ class ProcessExecutor:
                     break
             self._discard()
             queue = queue[done:]
-        self._pending = []
-        self._discard()
+        self._recovering = False  # completed() sends the tasks held meanwhile to a fresh pool
+
+    def run(self, tasks: Iterable[Task]) -> Iterator[TaskResult]:
+        """Submit ``tasks`` and yield every result."""
+        for t in tasks:
+            self.submit(t)
+        yield from self.completed()
 
     def cancel(self) -> None:
-        for f in self._pending:
+        for f in self._futures:
             f.cancel()
-        self._pending = []
+        self._futures.clear()
+        self._backlog.clear()
         if self._pool is not None:
             procs = list((getattr(self._pool, "_processes", None) or {}).values())
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -172,6 +329,8 @@ class ProcessExecutor:
             self._pool = None
 
     def close(self) -> None:
+        self._futures.clear()
+        self._backlog.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -198,29 +357,50 @@ class DaskExecutor:
             raise UsageError(f"cannot reach the Dask scheduler at {scheduler!r} ({e})", code="SCHEDULER_UNREACHABLE",
                              hint="check --scheduler (e.g. tcp://head-node:8786) and that the cluster is up") from e
         self.scheduler = scheduler
-        self._futures: list[Any] = []
+        self._tasks: dict[str, Task] = {}
+        self._futures: dict[str, Any] = {}
+        self._ac: Any = None
 
     def workers(self) -> int:
         return len(self._client.scheduler_info().get("workers", {}))
 
-    def run(self, tasks: Sequence[Task]) -> Iterator[TaskResult]:
+    def submit(self, task: Task) -> None:
+        """Send ``task`` to the cluster."""
         from distributed import as_completed
 
-        if not tasks:
-            return
-        keys = [f"immunoprofile-{t.kind}-{t.index}-{os.urandom(6).hex()}" for t in tasks]
-        self._futures = self._client.map(run_task, list(tasks), key=keys, pure=False)
-        by_key = {f.key: t for f, t in zip(self._futures, tasks)}
-        for fut in as_completed(self._futures, loop=self._client.loop):
-            res = _result(fut, by_key[fut.key])
+        from .work import run_task
+
+        key = f"immunoprofile-{task.kind}-{task.index}-{os.urandom(6).hex()}"
+        fut = self._client.submit(run_task, task, key=key, pure=False)
+        self._tasks[fut.key], self._futures[fut.key] = task, fut
+        if self._ac is None:
+            self._ac = as_completed(loop=self._client.loop)
+        self._ac.add(fut)
+
+    def completed(self) -> Iterator[TaskResult]:
+        """Yield results as tasks finish, until none is pending (tasks submitted meanwhile included)."""
+        while self._ac is not None and not self._ac.is_empty():
+            fut = next(self._ac)
+            task = self._tasks.pop(fut.key)
+            self._futures.pop(fut.key, None)
+            res = _result(fut, task)
             fut.release()
             yield res
-        self._futures = []
+
+    def run(self, tasks: Iterable[Task]) -> Iterator[TaskResult]:
+        """Submit ``tasks`` and yield every result."""
+        for t in tasks:
+            self.submit(t)
+        yield from self.completed()
 
     def cancel(self) -> None:
         if self._futures:
-            self._client.cancel(self._futures)
-            self._futures = []
+            self._client.cancel(list(self._futures.values()))
+        self._futures.clear()
+        self._tasks.clear()
+        if self._ac is not None:
+            self._ac.clear()
+            self._ac = None
 
     def close(self) -> None:
         self._client.close()
@@ -228,6 +408,8 @@ class DaskExecutor:
 
 def _result(fut: Any, task: Task, error: BaseException | None = None) -> TaskResult:
     """A future's result; a worker that died (out of memory, killed) fails only its own task."""
+    from .work import TaskResult
+
     try:
         if error is not None:
             raise error

@@ -463,3 +463,302 @@ def test_program_fingerprint_covers_the_code_that_computes_results():
     mods = set(result_modules())
     assert {"fcs", "gating", "pipeline", "stats", "templates", "transform", "panel", "interop", "work"} <= mods
     assert not mods & {"batch", "report", "store", "cli", "plots", "compare", "results"}
+
+
+# ----------------------------------------------------------------------------------- the path index
+class _CountingHasher:
+    """Stands in for the coordinator's ``sha256_file`` and records which files it read."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+
+    def __call__(self, path, chunk: int = 1 << 20) -> str:
+        self.paths.append(os.path.basename(path))
+        return report.sha256_file(path)
+
+
+@pytest.fixture
+def hasher(monkeypatch) -> _CountingHasher:
+    h = _CountingHasher()
+    monkeypatch.setattr("immunoprofile.batch.sha256_file", h)
+    return h
+
+
+def _no_gating(monkeypatch) -> None:
+    import immunoprofile.pipeline as pipeline
+
+    def no_gating(*a, **k):
+        raise AssertionError("gated although nothing changed")
+
+    monkeypatch.setattr(pipeline, "process_sample", no_gating)
+    monkeypatch.setattr(pipeline, "process_control", no_gating)
+
+
+def test_path_index_same_state_means_no_hashing(cohort, tcell, tmp_path, hasher, monkeypatch):
+    from immunoprofile import cache
+
+    data = copy_cohort(cohort, tmp_path / "data")
+    out = tmp_path / "out"
+    sheet = read_sheet(data / "samplesheet.csv")
+    first = run_gate(sheet, [tcell], out)
+    assert first.ok == 10 and hasher.paths == []  # no index entry: no hit possible, the workers hash
+    m = json.loads((out / "manifest.json").read_text())
+    assert all(i["sha256"] == report.sha256_file(i["path"]) for i in m["inputs"])
+    index = json.loads((report.work_area(out) / "cache" / "paths.json").read_text())["paths"]
+    assert len(index) == 10
+    for path, entry in index.items():
+        st = os.stat(path)
+        assert entry["state"] == [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        assert entry["sha256"] == report.sha256_file(path)
+    before = tables(out)
+
+    monkeypatch.setattr(cache, "RACY_SECONDS", 0.0)  # the files were written just now (see test below)
+    _no_gating(monkeypatch)
+    again = run_gate(sheet, [tcell], out)
+    assert (again.ok, again.skipped, again.gated) == (0, 10, 0)
+    assert hasher.paths == []  # every state matched: not one file read
+    assert tables(out) == before
+    m = json.loads((out / "manifest.json").read_text())
+    assert all(i["sha256"] == report.sha256_file(i["path"]) for i in m["inputs"])
+
+    monkeypatch.setattr(cache, "RACY_SECONDS", 1e9)  # every entry "racily clean": hashed, and still reused
+    racy = run_gate(sheet, [tcell], out)
+    assert (racy.skipped, racy.gated) == (10, 0)
+    assert sorted(hasher.paths) == sorted(p.name for p in data.glob("*.fcs"))
+
+
+def test_path_index_touched_is_reused_and_changed_is_regated(cohort, tcell, tmp_path, hasher, monkeypatch):
+    from immunoprofile import cache
+
+    monkeypatch.setattr(cache, "RACY_SECONDS", 0.0)
+    data = copy_cohort(cohort, tmp_path / "data")
+    out = tmp_path / "out"
+    sheet = read_sheet(data / "samplesheet.csv")
+    run_gate(sheet, [tcell], out)
+    pops = pd.read_csv(out / "populations.csv")
+
+    touched = data / "P01_pre_t_cell.fcs"
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns - 10**10))  # `touch -d`
+    summary = run_gate(sheet, [tcell], out)
+    assert (summary.ok, summary.skipped) == (0, 10)  # touched but the same bytes: reused
+    assert hasher.paths == ["P01_pre_t_cell.fcs"]  # hashed once: its state differs from the index's
+
+    hasher.paths.clear()
+    changed = data / "P02_pre_t_cell.fcs"
+    mtime = changed.stat().st_mtime_ns
+    changed.write_bytes(touched.read_bytes())  # other events, and another modification time
+    os.utime(changed, ns=(mtime - 2 * 10**10, mtime - 2 * 10**10))
+    summary = run_gate(sheet, [tcell], out)
+    assert (summary.ok, summary.skipped) == (1, 9)
+    assert hasher.paths == ["P02_pre_t_cell.fcs"]
+    after = pd.read_csv(out / "populations.csv")
+    got = after[after.sample_id == "P02_pre_t_cell"].set_index("population")["count"]
+    want = pops[pops.sample_id == "P01_pre_t_cell"].set_index("population")["count"]  # now the same events
+    assert got.to_dict() == want.to_dict()
+
+    hasher.paths.clear()  # same size, mtime put back: only the change time shows the edit
+    other = data / "P01_post_clofarabine_t_cell.fcs"
+    st = other.stat()
+    edited = bytearray(other.read_bytes())
+    edited[len(edited) // 2] ^= 1  # one event of the DATA segment
+    other.write_bytes(bytes(edited))
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (other.stat().st_size, other.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    summary = run_gate(sheet, [tcell], out)
+    assert (summary.gated, summary.skipped) == (1, 9)
+    assert hasher.paths == ["P01_post_clofarabine_t_cell.fcs"]
+
+
+def test_without_a_path_index_an_existing_cache_is_still_used(cohort, tcell, tmp_path, hasher, monkeypatch):
+    out = tmp_path / "out"
+    sheet = read_sheet(cohort / "samplesheet.csv")
+    run_gate(sheet, [tcell], out)
+    (report.work_area(out) / "cache" / "paths.json").write_text("{not json")  # damaged: as good as absent
+    _no_gating(monkeypatch)
+    summary = run_gate(sheet, [tcell], out)
+    assert (summary.skipped, summary.gated) == (10, 0)
+    assert len(hasher.paths) == 10  # a cache from before the index: every file hashed, as it was
+
+
+def test_force_hashes_nothing_in_the_coordinator(cohort, tcell, tmp_path, hasher):
+    out = tmp_path / "out"
+    sheet = read_sheet(cohort / "samplesheet.csv")
+    run_gate(sheet, [tcell], out)
+    summary = run_gate(sheet, [tcell], out, settings=RunSettings(force=True))
+    assert summary.ok == 10 and hasher.paths == []
+    m = json.loads((out / "manifest.json").read_text())
+    assert [i["sha256"] for i in m["inputs"]] == [report.sha256_file(i["path"]) for i in m["inputs"]]
+
+
+def test_path_index_round_trip_damage_and_racy_entries(tmp_path):
+    from immunoprofile.cache import PathIndex
+
+    f = tmp_path / "a.fcs"
+    f.write_bytes(b"x" * 10)
+    st = os.stat(f)
+    state = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    idx = PathIndex(tmp_path / "c")
+    assert idx.lookup(str(f), state) == ("unknown", None)
+    idx.record(str(f), state, "a" * 64, checked_ns=max(state[3], state[4]) + 10 * 10**9)
+    idx.save()
+    back = PathIndex(tmp_path / "c").load()
+    assert back.found and back.lookup(str(f), state) == ("same", "a" * 64)
+    assert back.lookup(str(f), (*state[:4], state[4] + 1)) == ("changed", None)  # ctime moved
+    idx.record(str(f), state, "a" * 64, checked_ns=max(state[3], state[4]) + 10**9)  # 1 s after the change
+    assert idx.lookup(str(f), state) == ("changed", None)  # racy: checked by hashing
+    (tmp_path / "c" / "paths.json").write_text('{"version": 1, "paths": {"x": {"state": [1]}}}')
+    damaged = PathIndex(tmp_path / "c").load()
+    assert not damaged.found and damaged.entries == {}
+
+
+# ----------------------------------------------------------------------------------- one streaming schedule
+def _ran(folder: Path) -> dict[str, tuple[str, float, float]]:
+    """sample_id -> (kind, started, finished) from the run's log."""
+    import re
+
+    pat = re.compile(r"batch: (\S+): (control|sample) task ran on \S+ from ([\d.]+) to ([\d.]+)")
+    return {m[1]: (m[2], float(m[3]), float(m[4])) for m in pat.finditer((folder / "run.log").read_text())}
+
+
+def test_stained_samples_never_start_before_their_batch_controls_finish(cohort, tcell, reference, tmp_path):
+    out = tmp_path / "out"
+    sheet = read_sheet(cohort / "samplesheet.csv")
+    summary = run_gate(sheet, [tcell], out, settings=RunSettings(jobs=2))
+    assert summary.ok == 10 and tables(out) == tables(reference)
+    ran = _ran(out)
+    assert len(ran) == 10
+    for batch in ("B1", "B2"):
+        ids = set(sheet[sheet.batch == batch].sample_id)
+        controls_done = max(ran[s][2] for s in ids if ran[s][0] == "control")
+        first_sample = min(ran[s][1] for s in ids if ran[s][0] == "sample")
+        assert first_sample >= controls_done, batch
+    m = json.loads((out / "manifest.json").read_text())
+    assert set(m["run"]["phase_seconds"]) == {"startup", "controls", "samples"}
+
+
+def test_a_batch_is_queued_as_soon_as_its_controls_are_done(cohort, tcell, reference, tmp_path, monkeypatch):
+    """No barrier between phases: batch B1's samples are queued before batch B2's controls have run."""
+    import immunoprofile.batch as batch
+    from immunoprofile.executor import SerialExecutor
+
+    events: list[tuple[str, str]] = []
+    names: dict[int, str] = {}
+
+    class Recording(SerialExecutor):
+        def submit(self, task):
+            events.append(("queued", task.sample_id))
+            names[task.index] = task.sample_id
+            super().submit(task)
+
+        def completed(self):
+            for res in super().completed():
+                events.append(("done", names[res.index]))
+                yield res
+
+    monkeypatch.setattr(batch, "make_executor", lambda *a, **k: Recording())
+    sheet = read_sheet(cohort / "samplesheet.csv")
+    run_gate(sheet, [tcell], tmp_path / "out")
+    assert tables(tmp_path / "out") == tables(reference)
+    at = {e: i for i, e in enumerate(events)}
+    group = {r.sample_id: (r.batch, r.control != "") for r in sheet.itertuples()}
+    for sid, (b, is_control) in group.items():
+        if is_control:
+            continue
+        controls = [c for c, (cb, ic) in group.items() if ic and cb == b]
+        assert at[("queued", sid)] > max(at[("done", c)] for c in controls)  # thresholds complete
+    b1_samples = [s for s, (b, ic) in group.items() if b == "B1" and not ic]
+    b2_controls = [s for s, (b, ic) in group.items() if b == "B2" and ic]
+    assert max(at[("queued", s)] for s in b1_samples) < min(at[("done", c)] for c in b2_controls)
+
+
+def test_executors_take_tasks_while_results_come_back_and_survive_a_dying_worker(cohort, tcell):
+    sheet = read_sheet(cohort / "samplesheet.csv")
+    stained = sheet[sheet.control == ""].reset_index(drop=True)
+    tasks = [Task(i, "sample", r.sample_id, os.path.abspath(r.path), r.file, tcell, Options(),
+                  meta={k: r[k] for k in sheet.columns if k != "path"})
+             for i, r in stained.iterrows()]
+    doomed = Task(9, "sample", "doomed", "/nowhere.fcs", "doomed.fcs", _KillsItsWorker(), None)
+    ex = ProcessExecutor(2)
+    results = {}
+    try:
+        ex.submit(tasks[0])
+        ex.submit(doomed)
+        for res in ex.completed():
+            results[res.index] = res
+            if len(results) == 1:  # more work arrives while the pool breaks and recovers
+                for t in tasks[1:]:
+                    ex.submit(t)
+    finally:
+        ex.close()
+    assert sorted(results) == [0, 1, 2, 3, 9]
+    assert results[9].error["code"] == "WORKER_DIED"
+    for i in range(4):
+        assert results[i].error is None and results[i].output.n_events == EVENTS
+        assert results[i].file_sha256 == report.sha256_file(tasks[i].path)
+
+
+# ----------------------------------------------------------------------------------- the worker's stat check
+def test_worker_reports_the_state_and_sha256_of_what_it_read(cohort, tcell, tmp_path):
+    import hashlib
+
+    from immunoprofile.work import run_task
+
+    path = copy_cohort(cohort, tmp_path / "data") / "P01_pre_t_cell.fcs"
+    res = run_task(Task(0, "sample", "P01_pre_t_cell", str(path), path.name, tcell, Options()), capture_logs=False)
+    st = os.stat(path)
+    assert res.error is None and not res.changed
+    assert res.file_stat == res.file_stat_after == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                                                      st.st_ctime_ns)
+    assert res.file_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    garbage = tmp_path / "garbage.fcs"
+    garbage.write_bytes(b"not an FCS file" * 100)
+    bad = run_task(Task(1, "sample", "g", str(garbage), garbage.name, tcell, Options()), capture_logs=False)
+    assert bad.error["code"] == "FCS_NOT_FCS" and not bad.changed
+    assert bad.file_sha256 == hashlib.sha256(garbage.read_bytes()).hexdigest()  # failures are cached by it
+
+
+def test_a_file_that_grows_while_the_worker_reads_it_is_deferred(cohort, tcell, tmp_path, monkeypatch):
+    import immunoprofile.pipeline as pipeline
+
+    data = copy_cohort(cohort, tmp_path / "data")
+    target = "P02_pre_t_cell"
+    real = pipeline.process_sample
+
+    def appending(sample_id, path, *a, **k):
+        out = real(sample_id, path, *a, **k)
+        if sample_id == target:  # the acquisition software appends while the file is being gated
+            with open(path, "ab") as fh:
+                fh.write(b"\0" * 4096)
+        return out
+
+    monkeypatch.setattr(pipeline, "process_sample", appending)
+    summary = run_gate(read_sheet(data / "samplesheet.csv"), [tcell], tmp_path / "out")
+    assert (summary.ok, summary.failed, summary.deferred) == (9, 0, 1)
+    assert summary.deferrals == [{"sample_id": target, "file": f"{target}.fcs",
+                                  "reason": "the file changed while it was read (still being written?)"}]
+    pops = pd.read_csv(tmp_path / "out" / "populations.csv")
+    assert target not in set(pops.sample_id)
+    index = json.loads((report.work_area(tmp_path / "out") / "cache" / "paths.json").read_text())["paths"]
+    assert str(data / f"{target}.fcs") not in index and len(index) == 9  # a changing file is not remembered
+
+
+def test_the_fork_server_started_early_is_stopped_when_nothing_needs_it(cohort, reference, tmp_path, capsys):
+    from multiprocessing import forkserver
+
+    from immunoprofile.cli import main
+
+    out = tmp_path / "out"
+    args = ["-q", "gate", "-t", "t_cell_exhaustion", "-s", str(cohort / "samplesheet.csv"), "-o", str(out),
+            "--jobs", "2"]
+    for extra in ([], [], ["--force"]):  # gates everything; nothing new; everything again
+        with pytest.raises(SystemExit) as exit_status:
+            main(args + extra)
+        assert exit_status.value.code == 0
+        m = json.loads((out / "manifest.json").read_text())
+        pids = {int(w["worker"].split(":")[-1]) for w in m["run"]["workers"]}
+        if extra or not m["run"]["skipped"]:
+            assert len(pids) == 2 and os.getpid() not in pids and m["run"]["ok"] == 10
+        else:  # nothing to gate: no worker, and the fork server that was starting is gone
+            assert pids == set() and m["run"]["skipped"] == 10
+            assert getattr(forkserver._forkserver, "_forkserver_pid", None) is None
+        assert tables(out) == tables(reference)

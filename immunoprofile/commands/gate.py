@@ -60,13 +60,36 @@ def gate(ctx: click.Context, files: tuple[str, ...], templates: tuple[str, ...],
           --name-pattern '(?P<patient_id>P\\d+)_(?P<timepoint>[a-z_]+)_'
       immunoprofile -q gate -t t_cell_exhaustion -s sheet.csv -o results/ --max-failed 0.2
     """
+    from ..errors import UsageError
+    from ..executor import default_jobs, prestart, stop_prestarted
+
+    if sheet and files:
+        raise UsageError("give either --samples or FILES, not both")
+    if not sheet and not files:
+        raise UsageError("no input: give --samples SHEET.csv or FCS files/globs")
+    if jobs is not None and jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {jobs}")
+    # first of all: the worker processes' fork server imports the gating stack (about a second)
+    # while this process loads its own modules, the templates and the sheet
+    prestart(executor, jobs or default_jobs())
+    try:
+        return _gate(ctx, files, templates, sheet, out_dir, name_pattern, comp_file, dataset, require_fmo,
+                    intensity_markers, jobs, executor, scheduler, force, db, fail_fast, max_failed, min_age)
+    finally:
+        stop_prestarted()
+
+
+def _gate(ctx: click.Context, files: tuple[str, ...], templates: tuple[str, ...], sheet: str | None, out_dir: str,
+         name_pattern: str | None, comp_file: str | None, dataset: int, require_fmo: bool,
+         intensity_markers: str, jobs: int | None, executor: str, scheduler: str | None, force: bool,
+         db: str | None, fail_fast: bool, max_failed: float | None, min_age: float) -> int:
+    """The gate command once the fork server is starting."""
     import logging
     import signal
     import sys
     import threading
 
     from ..batch import RunSettings, run_gate
-    from ..errors import UsageError
     from ..executor import default_jobs
     from ..pipeline import Options
     from ..progress import ProgressBar
@@ -76,12 +99,6 @@ def gate(ctx: click.Context, files: tuple[str, ...], templates: tuple[str, ...],
     log = logging.getLogger("immunoprofile")
     obj = ctx.obj or {}
     verbosity, log_format = obj.get("verbosity", 0), obj.get("log_format", "text")
-    if sheet and files:
-        raise UsageError("give either --samples or FILES, not both")
-    if not sheet and not files:
-        raise UsageError("no input: give --samples SHEET.csv or FCS files/globs")
-    if jobs is not None and jobs < 1:
-        raise UsageError(f"--jobs must be at least 1, got {jobs}")
     tpls = [load_template(t) for t in templates]
     samples = read_sheet(sheet) if sheet else from_files(files, name_pattern)
     comp = None
