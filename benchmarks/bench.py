@@ -209,6 +209,36 @@ def flowkit_stages(path: Path, tpl: Any, sample: Any, ours: Any) -> tuple[list[S
     return stages, compare
 
 
+def steady_state(path: Path, repeats: int) -> dict[str, Any]:
+    """Ours and FlowKit end to end in a new process that keeps freed memory for reuse, as the gate
+    command's processes do (:mod:`immunoprofile.allocator`): the steady state of a process that gates
+    file after file. The main table's runs get fresh memory each time, as a single file would."""
+    code = ("import json, sys; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
+            "from immunoprofile.allocator import reuse_freed_memory\n"
+            "import bench\n"
+            "print(json.dumps(bench._steady_state_here(%r, %d, reuse_freed_memory())))\n"
+            % (str(ROOT), str(Path(__file__).parent), str(path), repeats))
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (subprocess.CalledProcessError, ValueError, OSError) as e:
+        return {"error": repr(e)}
+
+
+def _steady_state_here(path: str, repeats: int, kept: bool) -> dict[str, Any]:
+    from immunoprofile.fcs import read_fcs
+    from immunoprofile.pipeline import Options, process_sample
+    from immunoprofile.templates import load_template
+
+    tpl = load_template(TEMPLATE)
+    ours = process_sample("bench", path, {}, tpl, Options())
+    ours_s, _ = best_of(lambda: process_sample("bench", path, {}, tpl, Options()), repeats)
+    stages, _ = flowkit_stages(Path(path), tpl, read_fcs(path), ours)
+    fk_s, _ = best_of(stages[-1].fn, max(1, repeats // 2))
+    return {"malloc_keeps_freed_memory": kept, "ours_seconds": ours_s, "flowkit_seconds": fk_s,
+            "speedup_vs_flowkit": fk_s / ours_s}
+
+
 def run_stages(stages: list[Stage], repeats: int) -> dict[str, dict[str, Any]]:
     out = {}
     for st in stages:
@@ -234,8 +264,11 @@ def pool_throughput(path: Path, files: int, jobs: int) -> dict[str, Any]:
 
 
 def _pool_one(path: str) -> int:
+    from immunoprofile.allocator import reuse_freed_memory
     from immunoprofile.pipeline import Options, process_sample
     from immunoprofile.templates import load_template
+
+    reuse_freed_memory()  # as the gate command's workers do
 
     return len(process_sample("bench", path, {}, load_template(TEMPLATE), Options()).populations)
 
@@ -248,6 +281,8 @@ def fresh_process_rss(path: Path, small: Path) -> dict[str, int]:
             "    for line in open('/proc/self/status'):\n"
             "        if line.startswith('VmHWM:'):\n"
             "            return int(line.split()[1]) * 1024\n"
+            "from immunoprofile.allocator import reuse_freed_memory\n"
+            "reuse_freed_memory()\n"
             "from immunoprofile.pipeline import Options, process_sample\n"
             "from immunoprofile.templates import load_template\n"
             "process_sample('w', %r, {}, load_template(%r), Options())\n"
@@ -323,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
                             "values_transformed_per_event": info["values_transformed_per_event"],
                             "flowkit_count_mismatches": check["mismatches"] if check else None,
                             "flowkit_populations_compared": check["populations_compared"] if check else 0,
-                            "fresh_process_rss_bytes": fresh_process_rss(path, make_file(Path(tmp), 20_000))}
+                            "fresh_process_rss_bytes": fresh_process_rss(path, make_file(Path(tmp), 20_000)),
+                            "steady_state": steady_state(path, args.repeats) if not args.no_flowkit else {}}
         if not args.quick:
             import bench_read
             import bench_transform
@@ -352,6 +388,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"a fresh process: peak RSS {rss['after_warm_up'] / 1e6:.0f} MB after imports and a 20,000-event "
               f"sample, {rss['after_one_sample'] / 1e6:.0f} MB after this one "
               f"(+{(rss['after_one_sample'] - rss['after_warm_up']) / matrix:.2f}x the event matrix)")
+    ss = s.get("steady_state") or {}
+    if "ours_seconds" in ss:
+        print(f"a process gating file after file (freed memory kept for reuse, as the gate command's processes; "
+              f"FlowKit in the same process): ours {ss['ours_seconds']:.3f} s, FlowKit {ss['flowkit_seconds']:.3f} s, "
+              f"{ss['speedup_vs_flowkit']:.1f}x")
     if check is not None:
         mm = check["mismatches"]
         print(f"counts vs FlowKit: {check['populations_compared'] - len(mm)} of {check['populations_compared']} "

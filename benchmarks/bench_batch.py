@@ -37,21 +37,27 @@ EVENTS, PATIENTS, EXTRA_CHANNELS = 1_000_000, 7, 5
 TABLES = ("populations.csv", "populations.parquet", "intensities.csv", "gates.csv", "findings.csv", "failures.csv")
 
 
-def make_cohort(folder: Path, events: int = EVENTS) -> Path:
-    """20 files: 7 patients x 2 timepoints (T-cell panel, 18 channels) and 6 FMO controls."""
+def make_cohort(folder: Path, events: int = EVENTS, patients: int = PATIENTS) -> Path:
+    """``2 patients + 6`` files (20 by default): patients x 2 timepoints (T-cell panel, 18 channels)
+    and 6 FMO controls."""
     from immunoprofile.simulate import simulate_cohort
 
-    simulate_cohort(folder, patients=PATIENTS, timepoints=("pre", "post_clofarabine"), events=events,
+    simulate_cohort(folder, patients=patients, timepoints=("pre", "post_clofarabine"), events=events,
                     panels=("t_cell",), extra_channels=EXTRA_CHANNELS, seed=4)
     return folder
 
 
-def gate(cohort: Path, out: Path, jobs: int, force: bool = True) -> dict[str, Any]:
-    """One ``immunoprofile gate`` in a new process; its figures from the manifest and the clock."""
+def gate(cohort: Path, out: Path, jobs: int, force: bool = True, threads: int | None = None) -> dict[str, Any]:
+    """One ``immunoprofile gate`` in a new process; its figures from the manifest and the clock.
+
+    ``threads`` sets ``IMMUNOPROFILE_THREADS`` (threads per sample; default: 2 with ``--jobs 1``)."""
     cmd = [sys.executable, "-m", "immunoprofile", "-q", "gate", "-t", "t_cell_exhaustion",
            "-s", str(cohort / "samplesheet.csv"), "-o", str(out), "--jobs", str(jobs)] + (["--force"] if force else [])
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if threads is not None:
+        env["IMMUNOPROFILE_THREADS"] = str(threads)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"gate --jobs {jobs} exited {proc.returncode}: {proc.stderr[-2000:]}")
@@ -62,7 +68,7 @@ def gate(cohort: Path, out: Path, jobs: int, force: bool = True) -> dict[str, An
     gating = phases.get("controls", 0.0) + phases.get("samples", 0.0)
     tasks = sum(w["tasks"] for w in run["workers"])
     return {
-        "jobs": jobs, "force": force, "files": files, "gated": run["ok"], "skipped": run["skipped"],
+        "jobs": jobs, "force": force, "threads": threads, "files": files, "gated": run["ok"], "skipped": run["skipped"],
         "wall_seconds": wall, "run_seconds": run["wall_seconds"],
         "files_per_minute": 60.0 * files / wall, "events_per_second": run["events_per_second"],
         "phase_seconds": phases,
@@ -104,25 +110,35 @@ def machine_parallel_speedup(repeats: int = 3) -> float:
     return best
 
 
-def run(tmpdir: str | Path, events: int = EVENTS, repeats: int = 3) -> dict[str, Any]:
-    """Simulate the cohort in ``tmpdir`` and time ``--jobs 1`` and ``--jobs 2``; returns the figures."""
+def run(tmpdir: str | Path, events: int = EVENTS, repeats: int = 3, patients: int = PATIENTS) -> dict[str, Any]:
+    """Simulate the cohort in ``tmpdir`` and time ``--jobs 1`` and ``--jobs 2``; returns the figures.
+
+    Also times ``--jobs 1`` with one thread per sample (``IMMUNOPROFILE_THREADS=1``): one core,
+    the baseline against which two one-thread workers show how the work itself scales (by
+    default ``--jobs 1`` already hashes and compensates on the second core).
+    """
     tmp = Path(tmpdir) / "bench_batch"
     tmp.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    cohort = make_cohort(tmp / "cohort", events)
+    cohort = make_cohort(tmp / "cohort", events, patients)
     simulated = time.perf_counter() - t0
     runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+    single: list[dict[str, Any]] = []
     for _ in range(repeats):
         for jobs in (1, 2):
             runs[jobs].append(gate(cohort, tmp / f"jobs{jobs}", jobs))
+        single.append(gate(cohort, tmp / "jobs1_one_thread", 1, threads=1))
     one = min(runs[1], key=lambda r: r["wall_seconds"])
     two = min(runs[2], key=lambda r: r["wall_seconds"])
+    one_core = min(single, key=lambda r: r["wall_seconds"])
     again = gate(cohort, tmp / "jobs2", 2, force=False)
     same = all((tmp / "jobs1" / t).read_bytes() == (tmp / "jobs2" / t).read_bytes() for t in TABLES)
     return {
         "files": one["files"], "events_per_file": events, "channels": 13 + EXTRA_CHANNELS,
         "cpus": os.cpu_count(), "simulate_seconds": simulated, "repeats": repeats,
-        "jobs1": one, "jobs2": two, "rerun_nothing_new": again,
+        "jobs1": one, "jobs2": two, "rerun_nothing_new": again, "jobs1_one_thread": one_core,
+        "speedup_jobs2_vs_one_core": one_core["wall_seconds"] / two["wall_seconds"],
+        "speedup_jobs2_gating_vs_one_core": one_core["gating_seconds"] / two["gating_seconds"],
         "all_wall_seconds": {str(j): [round(r["wall_seconds"], 2) for r in rs] for j, rs in runs.items()},
         "speedup_jobs2": one["wall_seconds"] / two["wall_seconds"],
         "speedup_jobs2_gating": one["gating_seconds"] / two["gating_seconds"],
@@ -137,15 +153,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", type=int, default=EVENTS)
     ap.add_argument("--out", default="bench_output")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--patients", type=int, default=PATIENTS, help="files = 2 x patients + 6 FMO controls")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        r = run(tmp, args.events, args.repeats)
+        r = run(tmp, args.events, args.repeats, args.patients)
     print(f"{r['files']} files x {r['events_per_file']:,} events x {r['channels']} channels, {r['cpus']} CPUs "
           f"(simulated in {r['simulate_seconds']:.0f} s)")
-    for key in ("jobs1", "jobs2", "rerun_nothing_new"):
+    for key in ("jobs1", "jobs1_one_thread", "jobs2", "rerun_nothing_new"):
         x = r[key]
         phases = ", ".join(f"{k} {v:.2f} s" for k, v in x["phase_seconds"].items())
-        print(f"  --jobs {x['jobs']}{'' if x['force'] else ' (rerun, nothing new)'}: {x['wall_seconds']:.2f} s wall "
+        label = (" (rerun, nothing new)" if not x["force"] else " (one thread per sample)" if x["threads"] == 1 else "")
+        print(f"  --jobs {x['jobs']}{label}: {x['wall_seconds']:.2f} s wall "
               f"({phases}; not gating {x['not_gating_seconds']:.2f} s), {x['files_per_minute']:.0f} files/min, "
               f"gated {x['gated']}, skipped {x['skipped']}, {x['seconds_per_file_in_worker']:.3f} s per file in a "
               f"worker, peak RSS per worker {x['peak_rss_mib_per_worker']:.0f} MiB (coordinating process "
@@ -154,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['speedup_jobs2_gating']:.2f}x gating (controls + samples, one stream), "
           f"{r['speedup_jobs2_samples_phase']:.2f}x samples after the last control; "
           f"all runs (s): {r['all_wall_seconds']}")
+    print(f"  speed-up --jobs 2 vs --jobs 1 on one core (one thread per sample): {r['speedup_jobs2_vs_one_core']:.2f}x "
+          f"whole command, {r['speedup_jobs2_gating_vs_one_core']:.2f}x gating")
     print(f"  this machine's best 2-process speed-up on a trivially parallel numpy workload: "
           f"{r['machine_parallel_speedup']:.2f}x; outputs identical: {r['identical_outputs']}")
     out = Path(args.out)

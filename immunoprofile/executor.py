@@ -136,7 +136,10 @@ class SerialExecutor:
     name = "serial"
 
     def __init__(self) -> None:
+        from .allocator import reuse_freed_memory
+
         self._queue: deque[Task] = deque()
+        reuse_freed_memory()  # this process gates one file after another
 
     def submit(self, task: Task) -> None:
         """Queue ``task`` (run when :meth:`completed` reaches it)."""

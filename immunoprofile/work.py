@@ -226,6 +226,7 @@ def init_worker(parent_pid: int | None = None, threads: int | None = None) -> No
     Ctrl-C is ignored (the parent cancels the run and cleans up). A thread waits for the
     parent process to end and then ends this worker: without it, the workers of a run
     killed with ``kill -9`` would wait for work forever (each holds the others' queue pipes).
+    The worker keeps freed memory for the next file (:mod:`immunoprofile.allocator`).
     ``threads`` sets ``IMMUNOPROFILE_THREADS`` (threads per sample, see
     :func:`immunoprofile.gating.worker_threads`) unless the user set it, so that workers
     times threads does not exceed the cores.
@@ -233,6 +234,9 @@ def init_worker(parent_pid: int | None = None, threads: int | None = None) -> No
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from .allocator import reuse_freed_memory
+
+    reuse_freed_memory()  # a worker gates one file after another
     if threads:
         os.environ.setdefault("IMMUNOPROFILE_THREADS", str(threads))
     if parent_pid:
