@@ -135,12 +135,17 @@ class _KillsItsWorker:
         return (os._exit, (1,))
 
 
-def test_a_dying_worker_fails_only_its_own_sample(cohort, tcell):
+def _stained_tasks(cohort, tcell) -> list[Task]:
+    """One task per stained sample of the cohort's sheet, numbered from 0."""
     sheet = read_sheet(cohort / "samplesheet.csv")
     stained = sheet[sheet.control == ""].reset_index(drop=True)
-    tasks = [Task(i, "sample", r.sample_id, os.path.abspath(r.path), r.file, tcell, Options(),
-                  meta={k: r[k] for k in sheet.columns if k != "path"})
-             for i, r in stained.iterrows()]
+    return [Task(i, "sample", r.sample_id, os.path.abspath(r.path), r.file, tcell, Options(),
+                 meta={k: r[k] for k in sheet.columns if k != "path"})
+            for i, r in stained.iterrows()]
+
+
+def test_a_dying_worker_fails_only_its_own_sample(cohort, tcell):
+    tasks = _stained_tasks(cohort, tcell)
     tasks[1] = Task(1, "sample", "doomed", "/nowhere.fcs", "doomed.fcs", _KillsItsWorker(), None)
     ex = ProcessExecutor(2)
     try:
@@ -672,11 +677,7 @@ def test_a_batch_is_queued_as_soon_as_its_controls_are_done(cohort, tcell, refer
 
 
 def test_executors_take_tasks_while_results_come_back_and_survive_a_dying_worker(cohort, tcell):
-    sheet = read_sheet(cohort / "samplesheet.csv")
-    stained = sheet[sheet.control == ""].reset_index(drop=True)
-    tasks = [Task(i, "sample", r.sample_id, os.path.abspath(r.path), r.file, tcell, Options(),
-                  meta={k: r[k] for k in sheet.columns if k != "path"})
-             for i, r in stained.iterrows()]
+    tasks = _stained_tasks(cohort, tcell)
     doomed = Task(9, "sample", "doomed", "/nowhere.fcs", "doomed.fcs", _KillsItsWorker(), None)
     ex = ProcessExecutor(2)
     results = {}
