@@ -378,3 +378,27 @@ def test_time_step_keeps_float32_values_and_scales_time_when_read() -> None:
     assert g.matrix.dtype == np.float64 and g.time_scale is None
     np.testing.assert_array_equal(g.events, _flowkit_raw(fc.build(v, names=["FSC-A", "SSC-A", "FL1-A", "Time"],
                                                                   keywords={"$TIMESTEP": "0.01", "$P1G": "2"}).blob))
+
+
+@pytest.mark.parametrize("delta", [-1000, 1000])
+def test_reader_returns_the_bytes_read_when_the_size_changes_after_stat(tmp_path: Path, monkeypatch, delta) -> None:
+    """A file that grows (or shrinks) between fstat and read: the buffer holds exactly what was read."""
+    import types
+
+    from immunoprofile import fcs as fcs_module
+
+    blob = fc.build(fc.base_values(n=3000)).blob
+    path = tmp_path / "moving.fcs"
+    path.write_bytes(blob)
+    real_fstat = os.fstat
+
+    def fstat(fd: int):  # the size seen before reading is off by delta
+        st = real_fstat(fd)
+        return types.SimpleNamespace(st_size=st.st_size + delta)
+
+    monkeypatch.setattr(fcs_module.os, "fstat", fstat)
+    buf = fcs_module._read_file(path)
+    assert bytes(buf.array) == blob and not buf.array.flags.writeable
+    monkeypatch.undo()
+    s = read_fcs(path)
+    assert s.sha256 == hashlib.sha256(blob).hexdigest()
