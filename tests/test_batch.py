@@ -470,6 +470,39 @@ def test_program_fingerprint_covers_the_code_that_computes_results():
     assert not mods & {"batch", "report", "store", "cli", "plots", "compare", "results"}
 
 
+def test_import_scanner_finds_what_parsing_finds():
+    """The fingerprint's fast line scanner finds every import that Python's parser finds, in every module."""
+    from pathlib import Path as _Path
+
+    from immunoprofile import cache
+
+    root = _Path(cache.__file__).resolve().parent
+    files = sorted(root.rglob("*.py"))
+    assert len(files) > 20
+    for py in files:
+        name = ".".join(py.relative_to(root).with_suffix("").parts)
+        name = name[: -len(".__init__")] if name.endswith(".__init__") else name
+        src = py.read_text(encoding="utf-8")
+        package = cache._package_of(name, py)
+        assert set(cache._imports_by_ast(src, package)) <= set(cache._imports(src, package)), name
+    # and a few forms written out
+    src = ("from . import a, b as c\nfrom .d import (\n    e,\n    f as g,\n)\n"
+           "def h():\n    from ..x import y  # noqa\n    import immunoprofile.z as zz\n"
+           "from immunoprofile.w import v\nfrom os import path\n")
+    assert set(cache._imports(src, "p.q")) == set(cache._imports_by_ast(src, "p.q")) == {
+        "p.q", "p.q.a", "p.q.b", "p.q.d", "p.q.d.e", "p.q.d.f", "p.x", "p.x.y", "z", "w", "w.v"}
+    # the closure from ``work`` is the one the parser gives
+    seen, todo = set(), ["work"]
+    while todo:
+        n = todo.pop()
+        path = cache._module_path(root, n)
+        if n in seen or path is None:
+            continue
+        seen.add(n)
+        todo.extend(cache._imports_by_ast(path.read_text(encoding="utf-8"), cache._package_of(n, path)))
+    assert sorted(seen) == cache.result_modules()
+
+
 # ----------------------------------------------------------------------------------- the path index
 class _CountingHasher:
     """Stands in for the coordinator's ``sha256_file`` and records which files it read."""
