@@ -17,6 +17,8 @@ import numpy as np
 if {tune}:
     from immunoprofile.allocator import reuse_freed_memory
     assert reuse_freed_memory() and reuse_freed_memory()  # once, then a no-op
+    get = getattr(np._core.multiarray, "_get_madvise_hugepage", None)
+    assert get is None or get() is False  # no huge-page advice once memory is kept
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 a = np.ones(80_000_000 // 8); del a  # the first buffer is always new memory
