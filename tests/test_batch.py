@@ -8,7 +8,6 @@ bytes of files on disk, and process ids of the workers.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from pathlib import Path
@@ -28,15 +27,6 @@ from immunoprofile.templates import load_template
 from immunoprofile.work import Task
 
 EVENTS = 2000
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """``main()`` points the package logger at this test's captured stderr; undo that afterwards."""
-    logger = logging.getLogger("immunoprofile")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
 
 
 def tables(folder: Path) -> dict[str, bytes]:

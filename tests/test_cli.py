@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -22,15 +21,6 @@ from immunoprofile.cli import main
 from immunoprofile.lock import RunLock
 from immunoprofile.progress import Progress, ProgressBar, format_eta
 from immunoprofile.simulate import simulate_cohort
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """``main()`` points the package logger at this test's captured stderr; undo that afterwards."""
-    logger = logging.getLogger("immunoprofile")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
