@@ -33,10 +33,11 @@ EXECUTORS = ("process", "dask")
 #: imported once by the fork server, so that workers start with them loaded (shared, copy-on-write):
 #: what gating a file imports, measured (``immunoprofile.work`` brings the reader, templates,
 #: transforms, gating and statistics; the data-driven gates need scikit-learn's mixture, which
-#: brings scipy.stats and pandas, and scipy's peak finding and smoothing)
+#: brings scipy.stats and pandas, and scipy's peak finding and smoothing); :mod:`immunoprofile.preload`
+#: comes last: it warms what each worker would set up on its first file and freezes the objects)
 PRELOAD = ("immunoprofile.work", "immunoprofile.pipeline", "immunoprofile.gating", "immunoprofile.stats",
            "sklearn.mixture", "scipy.stats", "scipy.signal", "scipy.ndimage", "flowutils.gating",
-           "flowutils.transforms", "threadpoolctl")
+           "flowutils.transforms", "threadpoolctl", "immunoprofile.preload")
 _FROM_WORK = frozenset({"Task", "TaskResult", "run_task", "init_worker"})
 #: whether :func:`prestart` started the fork server, and whether a pool has used it since
 _fork_server = {"prestarted": False, "used": False}

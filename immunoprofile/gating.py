@@ -244,12 +244,20 @@ _OPENMP = threading.local()  # OpenMP's thread count is per calling thread
 
 
 def _controller(user_api: str) -> Any:
+    """The thread pools of ``user_api`` ('blas' or 'openmp') loaded in this process.
+
+    One scan of the loaded libraries serves both (again once scikit-learn has loaded its
+    OpenMP runtime); the workers' fork server makes it before forking (:mod:`.preload`).
+    """
     from threadpoolctl import ThreadpoolController
 
-    key = f"{user_api}:{'sklearn' in sys.modules}"  # again once scikit-learn has loaded its OpenMP runtime
-    ctl = _THREADPOOLS.get(key)
+    state = "sklearn" in sys.modules
+    ctl = _THREADPOOLS.get(f"{user_api}:{state}")
     if ctl is None:
-        ctl = _THREADPOOLS[key] = ThreadpoolController().select(user_api=user_api)
+        every = ThreadpoolController()
+        for api in ("blas", "openmp"):
+            _THREADPOOLS[f"{api}:{state}"] = every.select(user_api=api)
+        ctl = _THREADPOOLS[f"{user_api}:{state}"]
     return ctl
 
 
