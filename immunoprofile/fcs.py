@@ -211,9 +211,16 @@ class FcsSample:
         return made
 
     def column(self, j: int, index: np.ndarray | None = None) -> np.ndarray:
-        """``events[:, j]`` (or ``events[index, j]``) as a new float64 array, without making :attr:`events`."""
-        col = self.matrix[:, j]
-        out = (col if index is None else np.take(col, index)).astype(np.float64)
+        """``events[:, j]`` (or ``events[index, j]``) as a new float64 array, without making :attr:`events`.
+
+        A few events (under a quarter) are gathered row by row; more, from the whole column
+        (``np.take`` copies a strided column first: 1.7 ms for 1,000,000 events however few are wanted).
+        """
+        if index is not None and index.size * 4 < self.matrix.shape[0]:
+            out = self.matrix[index, j].astype(np.float64)
+        else:
+            col = self.matrix[:, j]
+            out = (col if index is None else np.take(col, index)).astype(np.float64)
         if self.time_scale is not None and j == self.time_scale[0]:
             out *= self.time_scale[1]
         return out

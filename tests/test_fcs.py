@@ -368,7 +368,9 @@ def test_time_step_keeps_float32_values_and_scales_time_when_read() -> None:
     np.testing.assert_array_equal(s.events, ref)
     for j in range(4):
         np.testing.assert_array_equal(s.column(j), ref[:, j])
-        np.testing.assert_array_equal(s.column(j, np.array([3, 7, 400])), ref[[3, 7, 400], j])
+        np.testing.assert_array_equal(s.column(j, np.array([3, 7, 400])), ref[[3, 7, 400], j])  # gathered by row
+        half = np.arange(0, 500, 2)
+        np.testing.assert_array_equal(s.column(j, half), ref[half, j])  # taken from the whole column
     twin = pickle.loads(pickle.dumps(s))
     assert "_events" not in twin.__dict__
     np.testing.assert_array_equal(twin.events, ref)
