@@ -4,11 +4,13 @@ Simulates a T-cell cohort of 20 files of 1,000,000 events x 18 channels (7 patie
 timepoints = 14 stained samples, and 6 FMO controls), then gates it with the real command in a
 fresh process, ``--jobs 1`` and ``--jobs 2`` alternately (``--force``, so both gate everything;
 best of ``--repeats``, as the machine may be shared), and once more without ``--force``
-(nothing new: every sample reused). Reports wall time, files per minute, the speed-up (whole
+(nothing new: every sample reused), and ``--jobs 1`` pinned to one CPU (the one-core baseline).
+Reports wall time, files per minute, the speed-up (whole
 command; the gating alone, from the first task queued to the last result, FMO controls and
 stained samples in one stream; and the stained samples after the last control), the seconds per
 file inside a worker (``--jobs 1`` gates each file with two threads, each of two ``--jobs 2``
-workers with one), what is not gating (start-up, imports, publication), each worker's peak
+workers with one), the timeline from run.log (first task, the tasks' span, what follows the last,
+files/s once every worker's first file is done), what is not gating, each worker's peak
 resident memory (from ``manifest.json``), and checks that both wrote the same bytes.
 
 For scale, the same machine's parallel speed-up on a trivially parallel numpy workload (two
@@ -49,11 +51,9 @@ def make_cohort(folder: Path, events: int = EVENTS, patients: int = PATIENTS) ->
     return folder
 
 
-def gate(cohort: Path, out: Path, jobs: int, force: bool = True, threads: int | None = None,
-         cpus: set[int] | None = None) -> dict[str, Any]:
+def gate(cohort: Path, out: Path, jobs: int, force: bool = True, cpus: set[int] | None = None) -> dict[str, Any]:
     """One ``immunoprofile gate`` in a new process; its figures from the manifest, run.log and the clock.
 
-    ``threads`` sets ``IMMUNOPROFILE_THREADS`` (threads per sample; default: 2 with ``--jobs 1``);
     ``cpus`` pins the command to those CPUs (``sched_setaffinity``: the command then sees only them).
     The timeline comes from run.log's task lines (each task's start and end on its worker):
     ``to_first_task_seconds`` from the command's start to the first task's start (interpreter,
@@ -64,8 +64,6 @@ def gate(cohort: Path, out: Path, jobs: int, force: bool = True, threads: int | 
     cmd = [sys.executable, "-m", "immunoprofile", "-q", "gate", "-t", "t_cell_exhaustion",
            "-s", str(cohort / "samplesheet.csv"), "-o", str(out), "--jobs", str(jobs)] + (["--force"] if force else [])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if threads is not None:
-        env["IMMUNOPROFILE_THREADS"] = str(threads)
     pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     started = time.time()
     t0 = time.perf_counter()
@@ -81,7 +79,7 @@ def gate(cohort: Path, out: Path, jobs: int, force: bool = True, threads: int | 
     tasks = sum(w["tasks"] for w in run["workers"])
     timeline = _timeline(TASK_LINE.findall((out / "run.log").read_text()), started, wall)
     return {
-        "jobs": jobs, "force": force, "threads": threads, "cpus": sorted(cpus) if cpus else None,
+        "jobs": jobs, "force": force, "cpus": sorted(cpus) if cpus else None,
         "files": files, "gated": run["ok"], "skipped": run["skipped"],
         "wall_seconds": wall, "run_seconds": run["wall_seconds"],
         "files_per_minute": 60.0 * files / wall, "events_per_second": run["events_per_second"],

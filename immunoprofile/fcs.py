@@ -216,11 +216,13 @@ class FcsSample:
         A few events (under a quarter) are gathered row by row; more, from the whole column
         (``np.take`` copies a strided column first: 1.7 ms for 1,000,000 events however few are wanted).
         """
-        if index is not None and index.size * 4 < self.matrix.shape[0]:
-            out = self.matrix[index, j].astype(np.float64)
+        if index is None:
+            values = self.matrix[:, j]
+        elif index.size * 4 < self.matrix.shape[0]:
+            values = self.matrix[index, j]
         else:
-            col = self.matrix[:, j]
-            out = (col if index is None else np.take(col, index)).astype(np.float64)
+            values = np.take(self.matrix[:, j], index)
+        out = values.astype(np.float64)
         if self.time_scale is not None and j == self.time_scale[0]:
             out *= self.time_scale[1]
         return out
