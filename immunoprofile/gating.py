@@ -847,7 +847,7 @@ def density_threshold(values: np.ndarray, *, offset: float = 3.0, bins: int = 25
     v = values.ravel() if finite.all() else values[finite]
     if v.size == 0:
         return float("nan")
-    ordered = np.sort(v) if v.dtype == np.float64 else None
+    ordered = np.sort(v) if v.dtype in (np.float64, np.float32) else None
     if ordered is not None:
         lo, hi = percentile_of_sorted(ordered, (0.5, 99.5))
     else:
@@ -882,7 +882,7 @@ def density_threshold(values: np.ndarray, *, offset: float = 3.0, bins: int = 25
 
 
 def percentile_of_sorted(ordered: np.ndarray, q: Any) -> np.ndarray:
-    """``np.percentile(a, q)`` (method ``'linear'``) from ``ordered = np.sort(a)``, float64 without NaN.
+    """``np.percentile(a, q)`` (method ``'linear'``) from ``ordered = np.sort(a)``, float64 or float32 without NaN.
 
     numpy's own steps (virtual index ``(n - 1) q``, clipping, ``_lerp``), so the result is
     identical; a sort is faster than the partitions ``np.percentile`` makes.
@@ -908,7 +908,7 @@ def percentile_of_sorted(ordered: np.ndarray, q: Any) -> np.ndarray:
 
 
 def histogram_of_sorted(ordered: np.ndarray, bins: int, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray] | None:
-    """``np.histogram(a, bins, range=(lo, hi))`` from ``ordered = np.sort(a)`` (float64, finite).
+    """``np.histogram(a, bins, range=(lo, hi))`` from ``ordered = np.sort(a)`` (float64 or float32, finite).
 
     numpy corrects each event's computed bin so that ``edges[i] <= x < edges[i + 1]`` (the
     last bin closed); counting those by binary search on the sorted values gives the same

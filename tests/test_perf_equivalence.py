@@ -384,6 +384,7 @@ def test_density_threshold_is_bit_identical_to_reference():
     v[::100] = np.nan
     v[1::100] = np.inf
     cases += [v, np.full(50, 0.5), v.astype(np.float32)]
+    cases += [c.astype(np.float32) for c in cases[:15]]  # an untransformed, uncompensated channel stays float32
     for c in cases:
         for offset in (3.0, 2.0):
             a, b = density_threshold(c, offset=offset), reference_density(c, offset=offset)
@@ -392,15 +393,16 @@ def test_density_threshold_is_bit_identical_to_reference():
 
 def test_sorted_percentile_and_histogram_equal_numpy():
     rng = np.random.default_rng(12)
-    for n in list(range(1, 30)) + [1000, 4097, 65537]:
-        v = rng.normal(0, 1, n) if n % 2 else np.round(rng.normal(0, 2, n), 1)
+    for n, dtype in [(n, dt) for n in list(range(1, 30)) + [1000, 4097, 65537] for dt in (np.float64, np.float32)]:
+        v = (rng.normal(0, 1, n) if n % 2 else np.round(rng.normal(0, 2, n), 1)).astype(dtype)
         s = np.sort(v)
         for q in ([0.5, 99.5], [0.0, 100.0], [50.0], [25.0, 75.0]):
-            assert np.array_equal(percentile_of_sorted(s, q), np.percentile(v, q))
+            got, want = percentile_of_sorted(s, q), np.percentile(v, q)
+            assert got.dtype == want.dtype and np.array_equal(got, want)
         lo, hi = np.percentile(v, [0.5, 99.5])
         if hi > lo:
             edges = np.histogram_bin_edges(v, 16, (lo, hi))
-            w = np.concatenate([v, edges, edges[::3]])  # values exactly on every edge
+            w = np.concatenate([v, edges.astype(dtype), edges[::3].astype(dtype)])  # values on (or next to) every edge
             counts, got_edges = histogram_of_sorted(np.sort(w), 16, lo, hi)
             want, want_edges = np.histogram(w, 16, (lo, hi))
             assert np.array_equal(counts, want) and np.array_equal(got_edges, want_edges)
