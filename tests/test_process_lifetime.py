@@ -99,3 +99,23 @@ def test_one_scan_of_the_libraries_serves_blas_and_openmp(monkeypatch) -> None:
     assert {lib.user_api for lib in openmp.lib_controllers} <= {"openmp"}
     with gating._single_thread_blas():  # and the limits still apply
         assert all(info["num_threads"] == 1 for info in real().select(user_api="blas").info())
+
+
+def _on_cpus(cpus: set[int], code: str) -> str:
+    env = {k: v for k, v in ENV.items() if k != "IMMUNOPROFILE_THREADS"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                          preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
+def test_cores_are_those_the_cpu_set_allows() -> None:
+    # a core facility holds the command to fewer cores with taskset or a scheduler's CPU set:
+    # jobs, the side-work pool and a sample's threads all follow it, not the machine's count
+    allowed = sorted(os.sched_getaffinity(0))
+    code = ("from immunoprofile import background, executor, gating\n"
+            "print(executor.default_jobs(), background._cores(), gating.worker_threads())\n")
+    assert _on_cpus({allowed[0]}, code).split() == ["1", "1", "1"]
+    if len(allowed) >= 2:
+        assert _on_cpus(set(allowed[:2]), code).split() == ["2", "2", "2"]
