@@ -288,24 +288,36 @@ def _atoms(index: Sequence[np.ndarray], n_events: int,
     """Label events by their set of populations.
 
     Returns the events in any population (sorted event numbers), each one's atom number,
-    and the (atoms, populations) membership table.
+    and the (atoms, populations) membership table. Populations are taken
+    :data:`_ATOM_BITS` at a time: each sets its bit in an event's key, and the keys
+    present are renumbered. The first ones set their bits by event number, so that only
+    the key, not every population, is moved into the universe's positions.
     """
-    if universe is not None:  # positions within the universe, which holds every population
-        where = np.empty(n_events, dtype=np.intp)
-        where[universe] = np.arange(universe.size)
-        index = [where[idx] for idx in index]
-        n_events = universe.size
-    atom = np.zeros(n_events, dtype=np.intp)
+    n = n_events if universe is None else universe.size
+    where = None  # event number -> position in the universe, for later groups
+    atom = None
     members = np.zeros((1, 0), dtype=bool)
-    for start in range(0, len(index), 16):
-        chunk = index[start:start + 16]
+    for start in range(0, len(index), _ATOM_BITS):
+        chunk = index[start:start + _ATOM_BITS]
         width = len(chunk)
-        key = atom << width
-        for bit, idx in enumerate(chunk):
-            if idx.size == n_events:  # every event: no need to look them up
-                key += 1 << bit
-            else:
-                np.add.at(key, idx, 1 << bit)
+        whole = sum(1 << bit for bit, idx in enumerate(chunk) if idx.size == n)  # every event (in the universe)
+        if atom is None:
+            key = np.zeros(n_events, dtype=np.intp)
+            for bit, idx in enumerate(chunk):
+                if idx.size != n:
+                    np.add.at(key, idx, 1 << bit)
+            if universe is not None:
+                key = key[universe]
+        else:
+            if universe is not None and where is None:
+                where = np.empty(n_events, dtype=np.intp)
+                where[universe] = np.arange(n)
+            key = atom << width
+            for bit, idx in enumerate(chunk):
+                if idx.size != n:
+                    np.add.at(key, idx if where is None else where[idx], 1 << bit)
+        if whole:
+            key += whole
         span = members.shape[0] << width
         if span <= 1 << 22:
             present = np.flatnonzero(np.bincount(key, minlength=span))
@@ -318,6 +330,8 @@ def _atoms(index: Sequence[np.ndarray], n_events: int,
         del key
         bits = (present[:, None] >> np.arange(width)) & 1
         members = np.concatenate([members[present >> width], bits.astype(bool)], axis=1)
+    if atom is None:  # no populations
+        atom = np.zeros(n, dtype=np.intp)
     inside = members.any(axis=1)
     if universe is not None and inside.all():
         return universe, atom, members
@@ -325,6 +339,9 @@ def _atoms(index: Sequence[np.ndarray], n_events: int,
     if universe is not None:
         return universe[events], atom[events], members
     return events, atom[events], members
+
+
+_ATOM_BITS = 18  # populations per group: the first group's key table has 2**18 entries
 
 
 def _median_rcv(q: np.ndarray) -> tuple[float, float]:

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from immunoprofile import stats
 from immunoprofile.gating import GatingResult, gate_events, prepare
 from immunoprofile.stats import (
     PopulationQuantiles, _buckets, intensity_rows, inverted_cdf_ranks, population_rows,
@@ -72,6 +73,28 @@ def test_population_quantiles_equal_numpy_percentile(seed, universe):
             want = reference(col, index[pop])
             assert np.array_equal(got[i], want), (name, pop, got[i], want)
             assert not np.signbit(got[i][got[i] == 0]).any()  # zero is written +0.0
+
+
+@pytest.mark.parametrize("universe", [False, True])
+def test_population_quantiles_of_many_populations_equal_numpy_percentile(universe):
+    # more populations than one group of atom bits (stats._ATOM_BITS): later groups refine the
+    # atoms of the first; one population is every event, one the whole universe
+    rng = np.random.default_rng(21)
+    n = 30_000
+    top = np.flatnonzero(rng.random(n) < 0.7)
+    index = {"top": top}
+    if not universe:
+        index["all"] = np.arange(n)
+    for k in range(2 * stats._ATOM_BITS + 5):
+        parent = index[rng.choice(list(index))] if k % 3 else top
+        index[f"p{k}"] = parent[rng.random(parent.size) < rng.uniform(0.2, 0.95)]
+    index["top again"] = top.copy()
+    pq = PopulationQuantiles(index, n, top if universe else None)
+    assert pq.n_atoms > 2 ** 5
+    col = columns(rng, n)["ties"]
+    got = pq.quantiles(col, QS)
+    for i, pop in enumerate(index):
+        assert np.array_equal(got[i], reference(col, index[pop])), pop
 
 
 def test_population_quantiles_nan_column_follows_numpy():
